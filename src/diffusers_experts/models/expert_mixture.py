@@ -1,0 +1,594 @@
+"""ExpertMixtureUNet: N denoisers, each owning part of the noise range, behind one UNet2DModel-shaped model."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Sequence
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.unets.unet_2d import UNet2DOutput
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import routing as R
+from ..saving import atomic_directory
+
+
+CONFIG_NAME = "config.json"
+ROUTING_WEIGHTS_NAME = "routing.safetensors"
+EXPERT_FOLDER = "expert_{}"
+TRUSTED_LIBRARIES = ("diffusers", "diffusers_experts")
+_REGISTERED_EXPERT_CLASSES: dict[str, type] = {}
+
+
+def expert_class_name(cls: type) -> str:
+    """`"<top-level package>.<class name>"`, the name stored in a mixture config (e.g. `"diffusers.UNet2DModel"`)."""
+    return f"{cls.__module__.split('.')[0]}.{cls.__name__}"
+
+
+def register_expert_class(cls: type) -> type:
+    """Allow a custom `ModelMixin` denoiser class as a mixture expert when loading; usable as a class decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
+        raise TypeError(f"`cls` must be a subclass of diffusers' ModelMixin, got {cls!r}.")
+    _REGISTERED_EXPERT_CLASSES[expert_class_name(cls)] = cls
+    return cls
+
+
+def resolve_expert_class(name: str) -> type:
+    """The expert class named `name`, from an allow-list: never imports an arbitrary module named in a file.
+
+    Allowed: `ModelMixin` classes exported at the top level of `diffusers` or `diffusers_experts`, and classes
+    registered with [`register_expert_class`].
+    """
+    if name in _REGISTERED_EXPERT_CLASSES:
+        return _REGISTERED_EXPERT_CLASSES[name]
+    library, _, class_name = str(name).rpartition(".")
+    if library in TRUSTED_LIBRARIES:
+        candidate = getattr(importlib.import_module(library), class_name, None)
+        if isinstance(candidate, type) and issubclass(candidate, ModelMixin):
+            return candidate
+    raise ValueError(
+        f"Unknown expert class {name!r}. Valid choices: a ModelMixin class exported by {list(TRUSTED_LIBRARIES)} "
+        f"(e.g. 'diffusers.UNet2DModel', 'diffusers_experts.IUNet2DModel') or one registered with "
+        f"`register_expert_class` ({sorted(_REGISTERED_EXPERT_CLASSES)})."
+    )
+
+
+def _class_from_model_folder(path: str) -> type:
+    """Expert class of a saved diffusers model folder, from its config's `_class_name`."""
+    config_file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_file):
+        raise ValueError(f"Expert path {path!r} has no {CONFIG_NAME}: not a saved diffusers model folder.")
+    with open(config_file, encoding="utf-8") as f:
+        class_name = json.load(f).get("_class_name")
+    for library in ("diffusers_experts", "diffusers"):
+        try:
+            return resolve_expert_class(f"{library}.{class_name}")
+        except ValueError:
+            continue
+    return resolve_expert_class(str(class_name))
+
+
+def _sample_of(output) -> torch.Tensor:
+    """The denoised tensor of an expert's output (`UNet2DOutput`, tuple or tensor)."""
+    if hasattr(output, "sample"):
+        return output.sample
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output
+
+
+class ExpertMixtureUNet(ModelMixin, ConfigMixin):
+    r"""
+    A mixture of N expert denoisers routed by timestep: expert `k` owns the training timesteps
+    `[b_k, b_{k+1})` (`b_0 = 0`, `b_N = T`; expert 0 is the lowest-noise expert; a timestep on a boundary belongs to
+    the upper expert) and the output is `sum_k w_k(t) * expert_k(x_t, t)`. It calls like a [`~diffusers.UNet2DModel`]
+    (same `forward`, `config.sample_size`, `config.in_channels`, `config.out_channels`, `dtype`, `device`), so it
+    drops into diffusers pipelines and training loops. Experts may differ in size and architecture.
+
+    Build it with [`ExpertMixtureUNet.from_experts`] or [`ExpertMixtureUNet.from_pretrained`]. Routing (boundaries and
+    blend schedule) lives only here, in the config (learned parameters in the state dict): trainers, pipelines and
+    schedulers read it from the mixture.
+
+    Routing modes (`t` in training-timestep units, `T = num_train_timesteps`), through boundary ramps `s_k(t)` with
+    `w_k = s_k - s_{k+1}`, `s_0 = 1`, `s_N = 0` (weights are >= 0 and sum to 1 for every t):
+
+    - `"hard"`: `w_k(t) = 1` on expert k's interval, 0 elsewhere. One expert runs per sample.
+    - `"linear"`: `s_k(t) = clip((t - b_k) / blend_width + 1/2, 0, 1)`, `blend_width` defaults to `T / (N - 1)`.
+      For two experts with default parameters (`b_1 = T/2`, width `T`) this is the ratio schedule
+      `eps = r(t) * eps_1 + (1 - r(t)) * eps_0` with `r(t) = t / T`.
+    - `"sigmoid"`: `s_k(t) = sigmoid(sharpness * (t - b_k) / T)`, `sharpness` defaults to 10. For two experts with
+      default parameters: `r(t) = sigmoid(10 * (t / T - 1/2))`.
+    - `"learned"`: per-expert logits at `num_knots` evenly spaced knots over `[0, T]` (the `routing_logits`
+      parameter, shape `(num_knots, N)`), linearly interpolated in t and softmaxed over experts; initialised from the
+      `learned_init` schedule and trained with the experts.
+
+    `weight_threshold` > 0 zeroes blend weights below it (and renormalises), so far-away experts are not run.
+
+    Args:
+        expert_classes (`list[str]`): Class of each expert, e.g. `"diffusers_experts.IUNet2DModel"`.
+        boundaries (`list[float]`): `N - 1` strictly ascending training timesteps in `(0, T)`.
+        routing (`str`, defaults to `"hard"`): One of `"hard"`, `"linear"`, `"sigmoid"`, `"learned"`.
+        num_train_timesteps (`int`, defaults to 1000): `T`.
+        blend_width (`float`, *optional*): Width of the linear ramps, in timesteps.
+        sharpness (`float`, defaults to 10.0): Steepness of the sigmoid ramps.
+        num_knots (`int`, defaults to 11): Knots of the learned schedule.
+        learned_init (`str`, defaults to `"linear"`): Schedule the learned one starts from (`hard|linear|sigmoid`).
+        weight_threshold (`float`, defaults to 0.0): Blend weights below it are set to 0.
+        sample_size, in_channels, out_channels, num_class_embeds: Shared by all experts (filled in by `from_experts`).
+        expert_sources (`list`, *optional*):
+            Per expert, `None` (stored in `expert_k/`) or a reference `{"repo_id", "revision", "subfolder"}` to pull.
+        experts (`list[ModelMixin]`): The expert models (not part of the config).
+
+    Example:
+        ```py
+        >>> import torch
+        >>> from diffusers import UNet2DModel
+        >>> from diffusers_experts import ExpertMixtureUNet, IUNet2DModel
+        >>> small = dict(sample_size=16, block_out_channels=(16, 32), norm_num_groups=8)
+        >>> experts = [
+        ...     IUNet2DModel(**small, attention_head_dim=8),
+        ...     UNet2DModel(**small, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")),
+        ... ]
+        >>> mixture = ExpertMixtureUNet.from_experts(experts, boundaries=[400], routing="linear")
+        >>> mixture.expert_weights(torch.tensor([0, 400, 999]))
+        tensor([[0.9000, 0.1000],
+                [0.5000, 0.5000],
+                [0.0010, 0.9990]])
+        >>> mixture(torch.randn(3, 3, 16, 16), torch.tensor([0, 400, 999])).sample.shape
+        torch.Size([3, 3, 16, 16])
+        ```
+    """
+
+    ignore_for_config = ["experts"]
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        expert_classes: Sequence[str] = (),
+        boundaries: Sequence[float] | None = None,
+        routing: str = "hard",
+        num_train_timesteps: int = 1000,
+        blend_width: float | None = None,
+        sharpness: float = 10.0,
+        num_knots: int = 11,
+        learned_init: str = "linear",
+        weight_threshold: float = 0.0,
+        sample_size: int | Sequence[int] | None = None,
+        in_channels: int | None = None,
+        out_channels: int | None = None,
+        num_class_embeds: int | None = None,
+        expert_sources: Sequence[dict | None] | None = None,
+        experts: Sequence[nn.Module] | None = None,
+    ):
+        super().__init__()
+        if experts is None:
+            raise ValueError(
+                "`experts` is required: build a mixture with `ExpertMixtureUNet.from_experts(...)` or load one with "
+                "`ExpertMixtureUNet.from_pretrained(...)`."
+            )
+        num_experts = len(experts)
+        if num_experts == 0:
+            raise ValueError("`experts` must hold at least one expert model, got an empty list.")
+        if len(expert_classes) != num_experts:
+            raise ValueError(
+                f"`expert_classes` must name one class per expert ({num_experts}), got {list(expert_classes)!r}."
+            )
+        R.check_routing_mode(routing)
+        normalized = R.normalize_boundaries(boundaries, num_experts, num_train_timesteps, boundary_units="timestep")
+        if blend_width is None and num_experts > 1:
+            blend_width = num_train_timesteps / (num_experts - 1)
+        if blend_width is not None and not blend_width > 0:
+            raise ValueError(f"`blend_width` must be > 0 (in training timesteps), got {blend_width!r}.")
+        if not sharpness > 0:
+            raise ValueError(f"`sharpness` must be > 0, got {sharpness!r}.")
+        if not 0.0 <= weight_threshold < 1.0:
+            raise ValueError(f"`weight_threshold` must lie in [0, 1), got {weight_threshold!r}.")
+        if expert_sources is not None and len(expert_sources) != num_experts:
+            raise ValueError(
+                f"`expert_sources` must hold one entry per expert ({num_experts}), got {list(expert_sources)!r}."
+            )
+        self.register_to_config(boundaries=normalized, blend_width=blend_width)
+
+        self.experts = nn.ModuleList(experts)
+        self.gradient_checkpointing = False
+        self._boundary_cache: dict[tuple, torch.Tensor] = {}
+        if routing == "learned":
+            if not (isinstance(num_knots, int) and num_knots >= 2):
+                raise ValueError(f"`num_knots` must be an integer >= 2, got {num_knots!r}.")
+            init = R.initial_learned_logits(
+                num_knots,
+                torch.tensor(normalized, dtype=torch.float64),
+                learned_init,
+                num_train_timesteps,
+                blend_width or float(num_train_timesteps),
+                sharpness,
+            )
+            self.routing_logits = nn.Parameter(init)
+        else:
+            self.routing_logits = None
+        self.sample_size = sample_size
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_experts(
+        cls,
+        experts: Sequence[ModelMixin | str | os.PathLike],
+        boundaries: Sequence[float] | None = None,
+        routing: str = "hard",
+        num_train_timesteps: int = 1000,
+        boundary_units: str = "auto",
+        **routing_kwargs,
+    ) -> ExpertMixtureUNet:
+        r"""
+        Assemble a mixture from expert models (or paths of saved diffusers model folders).
+
+        Args:
+            experts (`list`): `N` expert models, lowest-noise expert first; any `ModelMixin` denoiser with the
+                `UNet2DModel` call signature. A string or path loads a saved model folder.
+            boundaries (`list[float]`, *optional*): `N - 1` ascending boundaries (timesteps, or fractions of `T`,
+                see `boundary_units`); `None` gives equal intervals.
+            routing (`str`, defaults to `"hard"`): `"hard"`, `"linear"`, `"sigmoid"` or `"learned"`.
+            num_train_timesteps (`int`, defaults to 1000): `T`, the training noise schedule's length.
+            boundary_units (`str`, defaults to `"auto"`): `"timestep"`, `"fraction"` or `"auto"`.
+            routing_kwargs: `blend_width`, `sharpness`, `num_knots`, `learned_init`, `weight_threshold`.
+        """
+        if isinstance(experts, (nn.Module, str, os.PathLike)) or not isinstance(experts, Sequence):
+            raise TypeError(f"`experts` must be a list of expert models or paths, got {type(experts).__name__}.")
+        if len(experts) == 0:
+            raise ValueError("`experts` must hold at least one expert model, got an empty list.")
+        allowed = {"blend_width", "sharpness", "num_knots", "learned_init", "weight_threshold", "expert_sources"}
+        unknown = sorted(set(routing_kwargs) - allowed)
+        if unknown:
+            raise TypeError(f"Unknown routing argument(s) {unknown}; valid: {sorted(allowed)}.")
+        models = []
+        for k, expert in enumerate(experts):
+            if isinstance(expert, (str, os.PathLike)):
+                expert = _class_from_model_folder(os.fspath(expert)).from_pretrained(os.fspath(expert))
+            if not isinstance(expert, ModelMixin):
+                raise TypeError(
+                    f"`experts[{k}]` must be a diffusers ModelMixin denoiser (e.g. UNet2DModel, IUNet2DModel) or a "
+                    f"path to one, got {type(expert).__name__}."
+                )
+            models.append(expert)
+        shared = cls._shared_expert_config(models)
+        boundaries = R.normalize_boundaries(boundaries, len(models), num_train_timesteps, boundary_units)
+        return cls(
+            expert_classes=[expert_class_name(type(m)) for m in models],
+            boundaries=boundaries,
+            routing=routing,
+            num_train_timesteps=num_train_timesteps,
+            experts=models,
+            **shared,
+            **routing_kwargs,
+        )
+
+    @staticmethod
+    def _shared_expert_config(experts: Sequence[nn.Module]) -> dict:
+        """`sample_size`, `in_channels`, `out_channels`, `num_class_embeds` that every expert must share."""
+        shared = {}
+        for key in ("in_channels", "out_channels", "sample_size", "num_class_embeds"):
+            values = []
+            for k, expert in enumerate(experts):
+                config = getattr(expert, "config", None)
+                if config is None or (key != "num_class_embeds" and key not in config):
+                    raise TypeError(f"`experts[{k}]` ({type(expert).__name__}) has no `config.{key}`.")
+                value = config.get(key)
+                values.append(tuple(value) if isinstance(value, list) else value)
+            if len(set(values)) != 1:
+                raise ValueError(
+                    f"All experts must share `{key}`, got {values!r} for experts 0..{len(experts) - 1}. "
+                    f"A mixture denoises one kind of sample: use experts with equal `{key}`."
+                )
+            shared[key] = list(values[0]) if isinstance(values[0], tuple) else values[0]
+        return shared
+
+    # ------------------------------------------------------------------ routing
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    @property
+    def expert_intervals(self) -> list[tuple[float, float]]:
+        """`[(b_k, b_{k+1})]` per expert, in training timesteps (expert 0 = lowest noise)."""
+        edges = [0.0, *self.config.boundaries, float(self.config.num_train_timesteps)]
+        return list(zip(edges[:-1], edges[1:]))
+
+    def _boundaries_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (device, dtype)
+        if key not in self._boundary_cache:
+            self._boundary_cache[key] = torch.tensor(self.config.boundaries, device=device, dtype=dtype)
+        return self._boundary_cache[key]
+
+    def _routing_timesteps(self, timestep, batch_size: int | None) -> torch.Tensor:
+        """Timesteps as a float `(B,)` tensor, on the timestep's own device (CPU for Python numbers)."""
+        t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
+        t = t.float() if t.dtype != torch.float64 else t
+        if t.ndim > 1:
+            raise ValueError(f"`timestep` must be a scalar or a 1-D tensor, got shape {tuple(t.shape)}.")
+        t = t.reshape(-1)
+        if batch_size is not None and t.numel() == 1:
+            t = t.expand(batch_size)
+        elif batch_size is not None and t.numel() != batch_size:
+            raise ValueError(
+                f"`timestep` must be a scalar or hold one value per sample ({batch_size}), got {t.numel()} values."
+            )
+        return t
+
+    def expert_weights(self, timesteps, batch_size: int | None = None) -> torch.Tensor:
+        r"""
+        Routing weights `(batch, N)` at training `timesteps` (scalar or `(batch,)`; floats allowed, as Euler-type
+        schedulers produce). Each row is >= 0 and sums to 1. Computed on the timesteps' device, or on the device of
+        the learned parameters for `routing="learned"` (differentiable w.r.t. them).
+        """
+        t = self._routing_timesteps(timesteps, batch_size)
+        cfg = self.config
+        if cfg.routing == "learned":
+            logits = self.routing_logits
+            weights = R.learned_weights(t.to(logits.device, logits.dtype), logits, cfg.num_train_timesteps)
+        else:
+            weights = R.schedule_weights(
+                t,
+                self._boundaries_on(t.device, t.dtype),
+                cfg.routing,
+                cfg.num_train_timesteps,
+                cfg.blend_width or float(cfg.num_train_timesteps),
+                cfg.sharpness,
+            )
+        if cfg.weight_threshold > 0 and cfg.routing != "hard":
+            weights = torch.where(weights < cfg.weight_threshold, torch.zeros_like(weights), weights)
+            weights = weights / weights.sum(dim=1, keepdim=True)
+        return weights
+
+    def active_experts(self, timesteps) -> list[int]:
+        """Experts with non-zero weight for any of `timesteps` (the ones a call at these timesteps runs)."""
+        weights = self.expert_weights(timesteps)
+        return [int(k) for k in torch.nonzero(weights.detach().gt(0).any(dim=0)).flatten()]
+
+    def sample_training_timesteps(
+        self,
+        batch_size: int,
+        expert: int,
+        strategy: str = "soft",
+        expertization_probs: Sequence[float] | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        r"""
+        Integer training timesteps for training expert `expert` (MEME's soft expert strategy): with probability
+        `p_k` from its own interval, otherwise uniform on `[0, T)`; `"hard"` = own interval only, `"uniform"` =
+        anywhere. `expertization_probs` defaults to [`~diffusers_experts.routing.default_expertization_probs`]
+        (`[0.8, 0.4, 0.2, 0.1]` for 4 experts).
+        """
+        probs = R.default_expertization_probs(self.num_experts)
+        if expertization_probs is not None:
+            probs = R.check_expertization_probs(expertization_probs, self.num_experts)
+        if not isinstance(expert, int) or not 0 <= expert < self.num_experts:
+            raise ValueError(f"`expert` must be an integer in [0, {self.num_experts - 1}], got {expert!r}.")
+        return R.sample_training_timesteps(
+            batch_size,
+            expert,
+            self.config.boundaries,
+            self.config.num_train_timesteps,
+            strategy,
+            probs[expert],
+            generator,
+            device,
+        )
+
+    # ------------------------------------------------------------------ forward
+
+    def _check_weights(self, weights: torch.Tensor, batch_size: int) -> torch.Tensor:
+        if not torch.is_tensor(weights) or tuple(weights.shape) != (batch_size, self.num_experts):
+            shape = tuple(weights.shape) if torch.is_tensor(weights) else type(weights).__name__
+            raise ValueError(
+                f"`expert_weights` must be a tensor of shape (batch, num_experts) = ({batch_size}, "
+                f"{self.num_experts}), got {shape}."
+            )
+        sums = weights.detach().float().sum(dim=1)
+        if bool((weights.detach() < 0).any()) or not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
+            raise ValueError(
+                f"`expert_weights` must be >= 0 and sum to 1 over experts for every sample, got row sums "
+                f"{sums.tolist()} and minimum {weights.min().item()}."
+            )
+        return weights
+
+    def _check_class_labels(self, class_labels: torch.Tensor | None) -> None:
+        if class_labels is not None and self.config.num_class_embeds is None:
+            raise ValueError(
+                "`class_labels` were given, but the experts are unconditional (num_class_embeds=None): pass "
+                "class_labels=None or use class-conditional experts."
+            )
+        if class_labels is None and self.config.num_class_embeds is not None:
+            raise ValueError(
+                f"`class_labels` must be given: the experts are class-conditional "
+                f"(num_class_embeds={self.config.num_class_embeds})."
+            )
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+        expert_weights: torch.Tensor | None = None,
+    ) -> UNet2DOutput | tuple:
+        r"""
+        Denoise with the experts that own each sample's noise level: `sum_k w_k(t) * expert_k(sample, t)`.
+
+        Args:
+            sample (`torch.Tensor`): Noisy input `(batch, channel, height, width)`.
+            timestep (`torch.Tensor` or `float` or `int`):
+                Training timestep: a scalar or one per sample (a training batch may mix noise levels).
+            class_labels (`torch.Tensor`, *optional*): Class indices for class-conditional experts.
+            return_dict (`bool`, defaults to `True`): Return a `UNet2DOutput` instead of a tuple.
+            expert_weights (`torch.Tensor`, *optional*):
+                Override the routing with explicit `(batch, N)` weights (>= 0, rows summing to 1).
+
+        Each expert runs only on the samples where its weight is > 0; a batch routed entirely to one expert with
+        weight 1 calls that expert directly, so hard routing costs one expert call.
+        """
+        batch_size = sample.shape[0]
+        self._check_class_labels(class_labels)
+        if expert_weights is None:
+            weights = self.expert_weights(timestep, batch_size)
+        else:
+            weights = self._check_weights(expert_weights, batch_size)
+
+        # 1. one expert with weight 1 for the whole batch: call it as is (bit-identical to the expert alone)
+        active = weights.detach().gt(0)
+        used = torch.nonzero(active.any(dim=0)).flatten().tolist()
+        if len(used) == 1 and bool((weights[:, used[0]] == 1).all()) and not weights.requires_grad:
+            return self.experts[used[0]](sample, timestep, class_labels=class_labels, return_dict=return_dict)
+
+        # 2. otherwise each expert on its own samples, weighted sum
+        per_sample_t = torch.is_tensor(timestep) and timestep.ndim > 0 and timestep.numel() == batch_size
+        weights = weights.to(sample.device)
+        active = active.to(sample.device)
+        output = None
+        for k in used:
+            rows = torch.nonzero(active[:, k]).flatten()
+            if rows.numel() == batch_size:
+                x_k, t_k, c_k, w_k = sample, timestep, class_labels, weights[:, k]
+            else:
+                x_k = sample.index_select(0, rows)
+                t_k = timestep.index_select(0, rows.to(timestep.device)) if per_sample_t else timestep
+                c_k = class_labels.index_select(0, rows.to(class_labels.device)) if class_labels is not None else None
+                w_k = weights[rows, k]
+            out_k = _sample_of(self.experts[k](x_k, t_k, class_labels=c_k, return_dict=True))
+            if output is None:
+                output = torch.zeros((batch_size, *out_k.shape[1:]), dtype=out_k.dtype, device=out_k.device)
+            weighted = w_k.to(out_k.dtype).view(-1, *([1] * (out_k.ndim - 1))) * out_k
+            output = output + weighted if rows.numel() == batch_size else output.index_add(0, rows, weighted)
+        if not return_dict:
+            return (output,)
+        return UNet2DOutput(sample=output)
+
+    # ------------------------------------------------------------------ saving and loading
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        safe_serialization: bool = True,
+        push_to_hub: bool = False,
+        **kwargs,
+    ) -> None:
+        r"""
+        Save the mixture config (`config.json`), learned routing parameters (`routing.safetensors`, learned routing
+        only) and each expert as a normal diffusers model folder `expert_k/` (loadable alone with its class's
+        `from_pretrained(dir, subfolder="expert_k")`). The folder is written atomically: a temporary folder is filled
+        and then swapped in, so an interrupted save leaves the previous content intact.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): Target folder (created if needed).
+            is_main_process (`bool`, defaults to `True`): Only the main process writes (distributed training).
+            safe_serialization (`bool`, defaults to `True`): Must be `True`; weights are stored as safetensors only.
+            push_to_hub (`bool`, defaults to `False`): Also push to the Hub (`repo_id=...` in `kwargs`).
+            kwargs: Passed to each expert's `save_pretrained` (e.g. `variant`, `max_shard_size`).
+        """
+        if not safe_serialization:
+            raise ValueError("`safe_serialization=False` is not supported: mixtures are saved as safetensors only.")
+        if os.path.isfile(save_directory):
+            raise ValueError(f"`save_directory` {os.fspath(save_directory)!r} is a file, not a folder.")
+        if push_to_hub:
+            hub_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "private", "token", "create_pr") if k in kwargs}
+            repo_id = kwargs.pop("repo_id", os.fspath(save_directory).rstrip("/").split("/")[-1])
+        if is_main_process:
+            stale = tuple(EXPERT_FOLDER.format(k) for k in range(self.num_experts, self.num_experts + 64))
+            with atomic_directory(save_directory, stale=(*stale, ROUTING_WEIGHTS_NAME)) as tmp:
+                self.save_config(tmp)
+                for k, expert in enumerate(self.experts):
+                    if self._expert_is_referenced(k):
+                        continue
+                    expert.save_pretrained(os.path.join(tmp, EXPERT_FOLDER.format(k)), safe_serialization=True, **kwargs)
+                extra = self._mixture_state_dict()
+                if extra:
+                    save_file(extra, os.path.join(tmp, ROUTING_WEIGHTS_NAME))
+        if push_to_hub:
+            self.push_to_hub(repo_id, **hub_kwargs)
+
+    def _expert_is_referenced(self, k: int) -> bool:
+        sources = self.config.expert_sources
+        return sources is not None and sources[k] is not None
+
+    def _mixture_state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters that belong to the mixture itself (not to an expert): the learned routing logits."""
+        return {
+            name: tensor.detach().cpu().contiguous()
+            for name, tensor in self.state_dict().items()
+            if not name.startswith("experts.")
+        }
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> ExpertMixtureUNet:
+        r"""
+        Load a mixture saved by [`~ExpertMixtureUNet.save_pretrained`]: the config, each `expert_k/` with its own
+        class (resolved from an allow-list, see [`resolve_expert_class`]) and the learned routing parameters.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): A local folder or a Hub repo id.
+            subfolder (`str`, *optional*): Folder of the mixture inside the repo / folder (e.g. `"unet"`).
+            torch_dtype (`torch.dtype`, *optional*): Load every expert in this dtype.
+            kwargs: Hub options (`revision`, `cache_dir`, `local_files_only`, `token`) and options passed to each
+                expert's `from_pretrained`.
+        """
+        from ..hub import resolve_model_folder
+
+        subfolder = kwargs.pop("subfolder", None)
+        torch_dtype = kwargs.get("torch_dtype")
+        hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
+        root = resolve_model_folder(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
+        config_file = os.path.join(root, CONFIG_NAME)
+        if not os.path.isfile(config_file):
+            raise ValueError(f"No {CONFIG_NAME} in {root!r}: not a saved ExpertMixtureUNet.")
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+        if config.get("_class_name") != cls.__name__:
+            raise ValueError(
+                f"{config_file!r} describes a {config.get('_class_name')!r}, not an {cls.__name__}; load it with its "
+                f"own class."
+            )
+        sources = config.get("expert_sources") or [None] * len(config["expert_classes"])
+        experts = []
+        for k, class_name in enumerate(config["expert_classes"]):
+            expert_cls = resolve_expert_class(class_name)
+            if sources[k] is not None:
+                experts.append(cls._load_referenced_expert(expert_cls, sources[k], k, kwargs, hub_kwargs))
+                continue
+            folder = os.path.join(root, EXPERT_FOLDER.format(k))
+            if not os.path.isdir(folder):
+                raise ValueError(
+                    f"Expert {k} ({class_name}) is missing: no folder {EXPERT_FOLDER.format(k)!r} in {root!r}."
+                )
+            experts.append(expert_cls.from_pretrained(folder, **kwargs))
+        init_kwargs = {key: value for key, value in config.items() if not key.startswith("_")}
+        mixture = cls(**init_kwargs, experts=experts)
+        routing_file = os.path.join(root, ROUTING_WEIGHTS_NAME)
+        if mixture.routing_logits is not None:
+            if not os.path.isfile(routing_file):
+                raise ValueError(f"Learned routing parameters are missing: no {ROUTING_WEIGHTS_NAME} in {root!r}.")
+            state = load_file(routing_file)
+            mixture.load_state_dict(state, strict=False)
+            if torch_dtype is not None:
+                mixture.routing_logits.data = mixture.routing_logits.data.to(torch.float32)
+        mixture.eval()
+        return mixture
+
+    @staticmethod
+    def _load_referenced_expert(expert_cls: type, source: dict, k: int, kwargs: dict, hub_kwargs: dict):
+        """An expert stored in another repo or folder, `{"repo_id", "revision", "subfolder"}`."""
+        from ..hub import resolve_model_folder
+
+        if not isinstance(source, dict) or "repo_id" not in source:
+            raise ValueError(f"`expert_sources[{k}]` must be a dict with a 'repo_id', got {source!r}.")
+        options = {**hub_kwargs, **({"revision": source["revision"]} if source.get("revision") else {})}
+        folder = resolve_model_folder(source["repo_id"], subfolder=source.get("subfolder"), **options)
+        return expert_cls.from_pretrained(folder, **kwargs)

@@ -1,0 +1,279 @@
+"""Timestep routing for multi-expert denoisers: partitions, blend schedules and soft-expert timestep sampling.
+
+Everything here works in *training-timestep units* (noise levels `t` in `[0, T)`, `T = num_train_timesteps`), never
+in inference-step indices, so routing does not depend on the sampler or on `num_inference_steps` (DESIGN contract 2).
+
+Conventions (shared by training and sampling):
+
+- `N` experts, `N - 1` strictly ascending boundaries `b_1 < ... < b_{N-1}` in `(0, T)`, with `b_0 = 0`, `b_N = T`.
+- Expert `k` owns `[b_k, b_{k+1})`: expert 0 is the lowest-noise expert; a timestep equal to a boundary belongs to the
+  upper expert.
+- Blended routing uses cumulative "passed boundary k" ramps `s_k(t)` (increasing in t, `s_0 = 1`, `s_N = 0`) and sets
+  `w_k(t) = s_k(t) - s_{k+1}(t)`. Because the ramps are ordered, the weights are >= 0 and sum to 1 for every `t`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+ROUTING_MODES = ("hard", "linear", "sigmoid", "learned")
+BOUNDARY_UNITS = ("auto", "timestep", "fraction")
+TIMESTEP_STRATEGIES = ("hard", "soft", "uniform")
+LEARNED_INITS = ("hard", "linear", "sigmoid")
+
+# MEME's expertization probabilities for 4 experts (expert 0 = lowest noise), paper Sec. "Soft Expert Strategy".
+MEME_EXPERTIZATION_PROBS = (0.8, 0.4, 0.2, 0.1)
+
+
+def check_routing_mode(routing: str) -> str:
+    if routing not in ROUTING_MODES:
+        raise ValueError(f"`routing` must be one of {list(ROUTING_MODES)}, got {routing!r}.")
+    return routing
+
+
+def default_boundaries(num_experts: int, num_train_timesteps: int) -> list[float]:
+    """Equal intervals: `b_k = k * T / N` for `k = 1 .. N-1`."""
+    return [k * num_train_timesteps / num_experts for k in range(1, num_experts)]
+
+
+def normalize_boundaries(
+    boundaries: Sequence[float] | None,
+    num_experts: int,
+    num_train_timesteps: int = 1000,
+    boundary_units: str = "auto",
+) -> list[float]:
+    """Validate `boundaries` and return them in training-timestep units.
+
+    Args:
+        boundaries (`Sequence[float]`, *optional*):
+            `N - 1` strictly ascending values. `None` gives equal intervals.
+        num_experts (`int`): `N`.
+        num_train_timesteps (`int`, defaults to 1000): `T`.
+        boundary_units (`str`, defaults to `"auto"`):
+            `"timestep"` (values in `(0, T)`), `"fraction"` (values in `(0, 1)`, multiplied by `T`) or `"auto"`
+            (fractions when every value is a float strictly between 0 and 1, timesteps otherwise). To give a boundary
+            as a sigma or SNR value, convert it first with [`timestep_from_sigma`] / [`timestep_from_snr`].
+    """
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"`num_experts` must be a positive integer, got {num_experts!r}.")
+    if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+        raise ValueError(f"`num_train_timesteps` must be an integer >= 2, got {num_train_timesteps!r}.")
+    if boundary_units not in BOUNDARY_UNITS:
+        raise ValueError(f"`boundary_units` must be one of {list(BOUNDARY_UNITS)}, got {boundary_units!r}.")
+    if boundaries is None:
+        return default_boundaries(num_experts, num_train_timesteps)
+    if isinstance(boundaries, torch.Tensor):
+        boundaries = boundaries.tolist()
+    if isinstance(boundaries, (str, bytes)) or not isinstance(boundaries, Sequence):
+        raise TypeError(f"`boundaries` must be a sequence of numbers or None, got {boundaries!r}.")
+    values = list(boundaries)
+    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in values):
+        raise TypeError(f"`boundaries` must contain finite numbers only, got {values!r}.")
+    if len(values) != num_experts - 1:
+        raise ValueError(
+            f"`boundaries` must hold num_experts - 1 = {num_experts - 1} values for {num_experts} experts, "
+            f"got {len(values)}: {values!r}."
+        )
+    units = boundary_units
+    if units == "auto":
+        as_fraction = len(values) > 0 and all(isinstance(b, float) and 0.0 < b < 1.0 for b in values)
+        units = "fraction" if as_fraction else "timestep"
+    if units == "fraction":
+        if not all(0.0 < b < 1.0 for b in values):
+            raise ValueError(f"`boundaries` given as fractions of T must lie in (0, 1), got {values!r}.")
+        values = [float(b) * num_train_timesteps for b in values]
+    values = [float(b) for b in values]
+    if not all(0.0 < b < num_train_timesteps for b in values):
+        raise ValueError(
+            f"`boundaries` must lie in the open interval (0, {num_train_timesteps}) (training timesteps), "
+            f"got {values!r}."
+        )
+    if any(b >= c for b, c in zip(values, values[1:])):
+        raise ValueError(f"`boundaries` must be strictly ascending, got {values!r}.")
+    edges = [0.0, *values, float(num_train_timesteps)]
+    for k in range(num_experts):
+        if math.ceil(edges[k]) >= math.ceil(edges[k + 1]):
+            raise ValueError(
+                f"`boundaries` leave expert {k} the interval [{edges[k]}, {edges[k + 1]}), which holds no integer "
+                f"training timestep: {values!r}."
+            )
+    return values
+
+
+def timestep_from_sigma(sigma: float, alphas_cumprod: torch.Tensor) -> float:
+    """Training timestep (fractional, interpolated) whose noise level `sigma = sqrt((1 - a_t) / a_t)` equals `sigma`.
+
+    `alphas_cumprod` is the scheduler's `alpha_prod_t` table (e.g. `DDPMScheduler(...).alphas_cumprod`).
+    """
+    if sigma <= 0:
+        raise ValueError(f"`sigma` must be > 0, got {sigma!r}.")
+    sigmas = ((1 - alphas_cumprod.double()) / alphas_cumprod.double()) ** 0.5
+    log_sigmas = sigmas.log()
+    target = math.log(sigma)
+    if not (log_sigmas[0] <= target <= log_sigmas[-1]):
+        raise ValueError(
+            f"`sigma`={sigma!r} is outside the schedule's range [{sigmas[0].item():.4g}, {sigmas[-1].item():.4g}]."
+        )
+    high = int(torch.searchsorted(log_sigmas, torch.tensor([target], dtype=log_sigmas.dtype)).item())
+    high = min(max(high, 1), len(log_sigmas) - 1)
+    low = high - 1
+    frac = (target - log_sigmas[low].item()) / (log_sigmas[high].item() - log_sigmas[low].item())
+    return low + frac
+
+
+def timestep_from_snr(snr: float, alphas_cumprod: torch.Tensor) -> float:
+    """Training timestep whose signal-to-noise ratio `snr = a_t / (1 - a_t)` equals `snr` (so `sigma = snr^-1/2`)."""
+    if snr <= 0:
+        raise ValueError(f"`snr` must be > 0, got {snr!r}.")
+    return timestep_from_sigma(snr**-0.5, alphas_cumprod)
+
+
+def expert_index(timesteps: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
+    """Hard routing: index `k` with `b_k <= t < b_{k+1}` (a timestep on a boundary goes to the upper expert)."""
+    return torch.bucketize(timesteps, boundaries, right=True)
+
+
+def _ramps_to_weights(ramps: torch.Tensor) -> torch.Tensor:
+    """`w_k = s_k - s_{k+1}` from the `(B, N-1)` boundary ramps, with `s_0 = 1` and `s_N = 0`."""
+    ones = torch.ones_like(ramps[:, :1])
+    zeros = torch.zeros_like(ramps[:, :1])
+    cumulative = torch.cat([ones, ramps, zeros], dim=1)
+    return (cumulative[:, :-1] - cumulative[:, 1:]).clamp_min(0.0)
+
+
+def hard_weights(timesteps: torch.Tensor, boundaries: torch.Tensor, num_experts: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(expert_index(timesteps, boundaries), num_experts).to(timesteps.dtype)
+
+
+def linear_weights(timesteps: torch.Tensor, boundaries: torch.Tensor, blend_width: float) -> torch.Tensor:
+    """Linear ramps `s_k(t) = clip((t - b_k) / width + 1/2, 0, 1)`."""
+    ramps = ((timesteps[:, None] - boundaries[None, :]) / blend_width + 0.5).clamp(0.0, 1.0)
+    return _ramps_to_weights(ramps)
+
+
+def sigmoid_weights(
+    timesteps: torch.Tensor, boundaries: torch.Tensor, sharpness: float, num_train_timesteps: int
+) -> torch.Tensor:
+    """Sigmoid ramps `s_k(t) = sigmoid(sharpness * (t - b_k) / T)`."""
+    ramps = torch.sigmoid(sharpness * (timesteps[:, None] - boundaries[None, :]) / num_train_timesteps)
+    return _ramps_to_weights(ramps)
+
+
+def schedule_weights(
+    timesteps: torch.Tensor,
+    boundaries: torch.Tensor,
+    routing: str,
+    num_train_timesteps: int,
+    blend_width: float,
+    sharpness: float,
+) -> torch.Tensor:
+    """`(B, N)` weights of a fixed (non-learned) schedule at float `timesteps` of shape `(B,)`."""
+    num_experts = boundaries.numel() + 1
+    if routing == "hard":
+        return hard_weights(timesteps, boundaries, num_experts)
+    if routing == "linear":
+        return linear_weights(timesteps, boundaries, blend_width)
+    if routing == "sigmoid":
+        return sigmoid_weights(timesteps, boundaries, sharpness, num_train_timesteps)
+    raise ValueError(f"`routing` must be one of {['hard', 'linear', 'sigmoid']} here, got {routing!r}.")
+
+
+def learned_weights(timesteps: torch.Tensor, logits: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
+    """Softmax over experts of per-expert logits, linearly interpolated between `K` evenly spaced knots on `[0, T]`.
+
+    `logits` has shape `(K, N)`; knot `j` sits at `t = j * T / (K - 1)`.
+    """
+    num_knots = logits.shape[0]
+    position = (timesteps.clamp(0, num_train_timesteps) / num_train_timesteps) * (num_knots - 1)
+    low = position.floor().long().clamp(max=num_knots - 2)
+    frac = (position - low.to(position.dtype)).unsqueeze(1)
+    interpolated = logits[low] * (1 - frac) + logits[low + 1] * frac
+    return torch.softmax(interpolated, dim=1)
+
+
+def initial_learned_logits(
+    num_knots: int,
+    boundaries: torch.Tensor,
+    init: str,
+    num_train_timesteps: int,
+    blend_width: float,
+    sharpness: float,
+    floor: float = 1e-4,
+) -> torch.Tensor:
+    """Logits `log(max(w(t_j), floor))` of schedule `init` at the knots, so the learned schedule starts close to it."""
+    if init not in LEARNED_INITS:
+        raise ValueError(f"`learned_init` must be one of {list(LEARNED_INITS)}, got {init!r}.")
+    knots = torch.linspace(0, num_train_timesteps, num_knots, dtype=torch.float64)
+    # the last knot sits at T itself, which belongs to no interval: evaluate it just inside [0, T)
+    knots[-1] = num_train_timesteps - 1e-6
+    weights = schedule_weights(knots, boundaries.double(), init, num_train_timesteps, blend_width, sharpness)
+    return weights.clamp_min(floor).log().float()
+
+
+def default_expertization_probs(num_experts: int) -> list[float]:
+    """MEME's soft-expert probabilities `p_k`: `[0.8, 0.4, 0.2, 0.1]` for 4 experts.
+
+    For other `N` they decrease geometrically from 0.8 (expert 0, lowest noise) to 0.1 (expert N-1, highest noise),
+    `p_k = 0.8 * (1/8)^(k / (N - 1))`, which reproduces the paper's values for `N = 4`. One expert: `[1.0]`.
+    """
+    if num_experts == 1:
+        return [1.0]
+    if num_experts == 4:
+        return list(MEME_EXPERTIZATION_PROBS)
+    return [0.8 * (0.125 ** (k / (num_experts - 1))) for k in range(num_experts)]
+
+
+def check_expertization_probs(probs: Sequence[float], num_experts: int) -> list[float]:
+    values = list(probs)
+    if len(values) != num_experts:
+        raise ValueError(
+            f"`expertization_probs` must hold one probability per expert ({num_experts}), got {len(values)}: "
+            f"{values!r}."
+        )
+    if not all(isinstance(p, (int, float)) and 0.0 <= p <= 1.0 for p in values):
+        raise ValueError(f"`expertization_probs` must lie in [0, 1], got {values!r}.")
+    return [float(p) for p in values]
+
+
+def sample_training_timesteps(
+    batch_size: int,
+    expert: int,
+    boundaries: Sequence[float],
+    num_train_timesteps: int,
+    strategy: str = "soft",
+    expertization_prob: float | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Integer training timesteps for expert `expert` (MEME's soft expert strategy).
+
+    - `"hard"`: uniform on the expert's own interval `[b_k, b_{k+1})`.
+    - `"soft"`: with probability `p_k` (`expertization_prob`) from the own interval, otherwise uniform on `[0, T)`.
+    - `"uniform"`: uniform on `[0, T)` (a single model).
+
+    Draws happen on `generator`'s device (CPU by default) and are then moved to `device`.
+    """
+    if strategy not in TIMESTEP_STRATEGIES:
+        raise ValueError(f"`strategy` must be one of {list(TIMESTEP_STRATEGIES)}, got {strategy!r}.")
+    num_experts = len(boundaries) + 1
+    if not 0 <= expert < num_experts:
+        raise ValueError(f"`expert` must be in [0, {num_experts - 1}], got {expert!r}.")
+    edges = [0.0, *boundaries, float(num_train_timesteps)]
+    low, high = math.ceil(edges[expert]), math.ceil(edges[expert + 1])
+    gen_device = generator.device if generator is not None else "cpu"
+    own = torch.randint(low, high, (batch_size,), generator=generator, device=gen_device)
+    if strategy == "hard":
+        return own.to(device)
+    anywhere = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=gen_device)
+    if strategy == "uniform":
+        return anywhere.to(device)
+    if expertization_prob is None:
+        expertization_prob = default_expertization_probs(num_experts)[expert]
+    if not 0.0 <= expertization_prob <= 1.0:
+        raise ValueError(f"`expertization_prob` must lie in [0, 1], got {expertization_prob!r}.")
+    pick_own = torch.rand(batch_size, generator=generator, device=gen_device) < expertization_prob
+    return torch.where(pick_own, own, anywhere).to(device)

@@ -1,0 +1,49 @@
+"""Atomic folder writes: a save either lands whole or leaves the previous content untouched."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike, stale: tuple[str, ...] = ()) -> Iterator[str]:
+    """Yield a fresh temporary folder next to `target`; on success move its entries into `target`.
+
+    A new `target` appears by a single rename. An existing one gets each written entry swapped in by rename (the old
+    entry is moved aside first and deleted only after the new one is in place), and entries named in `stale` that the
+    new save did not write are removed. Other files already in `target` are kept. On error nothing in `target` changes.
+    """
+    target = os.path.abspath(os.fspath(target))
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        if not os.path.exists(target):
+            os.rename(tmp, target)
+            return
+        for name in os.listdir(tmp):
+            _swap_in(os.path.join(tmp, name), os.path.join(target, name))
+        written = set(os.listdir(tmp))
+        for name in stale:
+            path = os.path.join(target, name)
+            if name not in written and os.path.lexists(path):
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(new: str, dest: str) -> None:
+    """Replace `dest` by `new` with renames only, so `dest` is never half-written."""
+    if os.path.isdir(dest) and not os.path.islink(dest):
+        aside = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.old-", dir=os.path.dirname(dest))
+        os.rmdir(aside)
+        os.rename(dest, aside)
+        os.rename(new, dest)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(new, dest)
