@@ -308,15 +308,13 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
         return self._boundary_cache[key]
 
     def _routing_timesteps(self, timestep, batch_size: int | None) -> torch.Tensor:
-        """Timesteps as a float `(B,)` tensor, on the timestep's own device (CPU for Python numbers)."""
+        """Timesteps as a float `(1,)` or `(B,)` tensor, on the timestep's own device (CPU for Python numbers)."""
         t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
         t = t.float() if t.dtype != torch.float64 else t
         if t.ndim > 1:
             raise ValueError(f"`timestep` must be a scalar or a 1-D tensor, got shape {tuple(t.shape)}.")
         t = t.reshape(-1)
-        if batch_size is not None and t.numel() == 1:
-            t = t.expand(batch_size)
-        elif batch_size is not None and t.numel() != batch_size:
+        if batch_size is not None and t.numel() not in (1, batch_size):
             raise ValueError(
                 f"`timestep` must be a scalar or hold one value per sample ({batch_size}), got {t.numel()} values."
             )
@@ -345,6 +343,8 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
         if cfg.weight_threshold > 0 and cfg.routing != "hard":
             weights = torch.where(weights < cfg.weight_threshold, torch.zeros_like(weights), weights)
             weights = weights / weights.sum(dim=1, keepdim=True)
+        if batch_size is not None and weights.shape[0] != batch_size:
+            weights = weights.expand(batch_size, -1)
         return weights
 
     def active_experts(self, timesteps) -> list[int]:
