@@ -139,8 +139,8 @@ def expert_index(timesteps: torch.Tensor, boundaries: torch.Tensor) -> torch.Ten
 
 def _ramps_to_weights(ramps: torch.Tensor) -> torch.Tensor:
     """`w_k = s_k - s_{k+1}` from the `(B, N-1)` boundary ramps, with `s_0 = 1` and `s_N = 0`."""
-    ones = torch.ones_like(ramps[:, :1])
-    zeros = torch.zeros_like(ramps[:, :1])
+    ones = ramps.new_ones(ramps.shape[0], 1)
+    zeros = ramps.new_zeros(ramps.shape[0], 1)
     cumulative = torch.cat([ones, ramps, zeros], dim=1)
     return (cumulative[:, :-1] - cumulative[:, 1:]).clamp_min(0.0)
 

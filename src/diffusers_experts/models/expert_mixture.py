@@ -138,7 +138,7 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
         >>> mixture.expert_weights(torch.tensor([0, 400, 999]))
         tensor([[0.9000, 0.1000],
                 [0.5000, 0.5000],
-                [0.0010, 0.9990]])
+                [0.0000, 1.0000]])
         >>> mixture(torch.randn(3, 3, 16, 16), torch.tensor([0, 400, 999])).sample.shape
         torch.Size([3, 3, 16, 16])
         ```
@@ -508,7 +508,9 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
                 for k, expert in enumerate(self.experts):
                     if self._expert_is_referenced(k):
                         continue
-                    expert.save_pretrained(os.path.join(tmp, EXPERT_FOLDER.format(k)), safe_serialization=True, **kwargs)
+                    expert.save_pretrained(
+                        os.path.join(tmp, EXPERT_FOLDER.format(k)), safe_serialization=True, **kwargs
+                    )
                 extra = self._mixture_state_dict()
                 if extra:
                     save_file(extra, os.path.join(tmp, ROUTING_WEIGHTS_NAME))

@@ -216,18 +216,27 @@ class IUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             for _ in range(layers_per_block):
                 self.down_layers.append(
                     nn.ModuleList(
-                        [resnet(channels, stage_channels), iformer(stage_channels, high_ratios[i], attention_pool_sizes[i])]
+                        [
+                            resnet(channels, stage_channels),
+                            iformer(stage_channels, high_ratios[i], attention_pool_sizes[i]),
+                        ]
                     )
                 )
                 channels = stage_channels
                 skip_channels.append(channels)
             if i < num_stages - 1:
-                self.downsamplers.append(Downsample2D(channels, use_conv=True, out_channels=channels, padding=1, name="op"))
+                self.downsamplers.append(
+                    Downsample2D(channels, use_conv=True, out_channels=channels, padding=1, name="op")
+                )
                 skip_channels.append(channels)
 
         # 4. middle: ResNet, iFormer, ResNet
         self.mid_block = nn.ModuleList(
-            [resnet(channels, channels), iformer(channels, mid_high_ratio, attention_pool_sizes[-1]), resnet(channels, channels)]
+            [
+                resnet(channels, channels),
+                iformer(channels, mid_high_ratio, attention_pool_sizes[-1]),
+                resnet(channels, channels),
+            ]
         )
 
         # 5. decoder: ResNet blocks on concatenated skips (the asymmetric half)
