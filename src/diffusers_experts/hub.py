@@ -1,8 +1,13 @@
-"""Hub access for mixtures and experts: resolve a local folder or a Hub repo id to a local folder."""
+"""Hub access for mixtures and experts: resolve a local folder or a Hub repo id to a local folder; model cards."""
 
 from __future__ import annotations
 
 import os
+
+from .model_card import expert_model_card, mixture_model_card, save_model_cards
+
+
+__all__ = ["expert_model_card", "mixture_model_card", "resolve_model_folder", "save_model_cards"]
 
 
 def resolve_model_folder(
