@@ -26,9 +26,9 @@ def atomic_directory(target: str | os.PathLike, stale: tuple[str, ...] = ()) -> 
         if not os.path.exists(target):
             os.rename(tmp, target)
             return
-        for name in os.listdir(tmp):
-            _swap_in(os.path.join(tmp, name), os.path.join(target, name))
         written = set(os.listdir(tmp))
+        for name in written:
+            _swap_in(os.path.join(tmp, name), os.path.join(target, name))
         for name in stale:
             path = os.path.join(target, name)
             if name not in written and os.path.lexists(path):
