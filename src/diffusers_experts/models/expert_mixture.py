@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -231,7 +231,10 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
 
         Args:
             experts (`list`): `N` expert models, lowest-noise expert first; any `ModelMixin` denoiser with the
-                `UNet2DModel` call signature. A string or path loads a saved model folder.
+                `UNet2DModel` call signature. A string or path loads a saved model folder or a Hub repo id (the expert
+                is then embedded in the mixture); a dict `{"repo_id", "revision", "subfolder"}` loads an expert from a
+                Hub repo (or folder) and keeps it as a reference in `expert_sources`: saving or pushing the mixture
+                stores the reference, not the weights.
             boundaries (`list[float]`, *optional*): `N - 1` ascending boundaries (timesteps, or fractions of `T`,
                 see `boundary_units`); `None` gives equal intervals.
             routing (`str`, defaults to `"hard"`): `"hard"`, `"linear"`, `"sigmoid"` or `"learned"`.
@@ -247,16 +250,9 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
         unknown = sorted(set(routing_kwargs) - allowed)
         if unknown:
             raise TypeError(f"Unknown routing argument(s) {unknown}; valid: {sorted(allowed)}.")
-        models = []
-        for k, expert in enumerate(experts):
-            if isinstance(expert, (str, os.PathLike)):
-                expert = _class_from_model_folder(os.fspath(expert)).from_pretrained(os.fspath(expert))
-            if not isinstance(expert, ModelMixin):
-                raise TypeError(
-                    f"`experts[{k}]` must be a diffusers ModelMixin denoiser (e.g. UNet2DModel, IUNet2DModel) or a "
-                    f"path to one, got {type(expert).__name__}."
-                )
-            models.append(expert)
+        models, references = cls._load_experts(experts, routing_kwargs.get("expert_sources"))
+        if any(ref is not None for ref in references):
+            routing_kwargs["expert_sources"] = references
         shared = cls._shared_expert_config(models)
         boundaries = R.normalize_boundaries(boundaries, len(models), num_train_timesteps, boundary_units)
         return cls(
@@ -268,6 +264,36 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
             **shared,
             **routing_kwargs,
         )
+
+    @staticmethod
+    def _load_experts(experts: Sequence, expert_sources: Sequence | None) -> tuple[list, list]:
+        """(expert models, per-expert reference or None) for `from_experts`: loads paths, repo ids and references."""
+        from ..hub import load_referenced_expert
+
+        if expert_sources is not None and any(isinstance(e, Mapping) for e in experts):
+            raise ValueError(
+                "Pass expert references either as dict entries of `experts` or as `expert_sources`, not both."
+            )
+        models, references, fit_config = [], [], None
+        for k, expert in enumerate(experts):
+            reference = None
+            if isinstance(expert, Mapping):
+                reference = dict(expert)
+                expert = load_referenced_expert(reference, k, mixture_config=fit_config)
+            elif isinstance(expert, (str, os.PathLike)) and not os.path.isdir(os.fspath(expert)):
+                expert = load_referenced_expert({"repo_id": os.fspath(expert)}, k, mixture_config=fit_config)
+            elif isinstance(expert, (str, os.PathLike)):
+                expert = _class_from_model_folder(os.fspath(expert)).from_pretrained(os.fspath(expert))
+            if not isinstance(expert, ModelMixin):
+                raise TypeError(
+                    f"`experts[{k}]` must be a diffusers ModelMixin denoiser (e.g. UNet2DModel, IUNet2DModel), a "
+                    f"path or repo id of one, or a reference dict, got {type(expert).__name__}."
+                )
+            if fit_config is None:
+                fit_config = {key: expert.config.get(key) for key in ("in_channels", "out_channels", "sample_size")}
+            models.append(expert)
+            references.append(reference)
+        return models, references
 
     @staticmethod
     def _shared_expert_config(experts: Sequence[nn.Module]) -> dict:
@@ -542,12 +568,12 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
             kwargs: Hub options (`revision`, `cache_dir`, `local_files_only`, `token`) and options passed to each
                 expert's `from_pretrained`.
         """
-        from ..hub import resolve_model_folder
+        from ..hub import load_referenced_expert, resolve_mixture_folder
 
         subfolder = kwargs.pop("subfolder", None)
         torch_dtype = kwargs.get("torch_dtype")
         hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
-        root = resolve_model_folder(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
+        root = resolve_mixture_folder(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
         config_file = os.path.join(root, CONFIG_NAME)
         if not os.path.isfile(config_file):
             raise ValueError(f"No {CONFIG_NAME} in {root!r}: not a saved ExpertMixtureUNet.")
@@ -563,7 +589,7 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
         for k, class_name in enumerate(config["expert_classes"]):
             expert_cls = resolve_expert_class(class_name)
             if sources[k] is not None:
-                experts.append(cls._load_referenced_expert(expert_cls, sources[k], k, kwargs, hub_kwargs))
+                experts.append(load_referenced_expert(sources[k], k, expert_cls, config, hub_kwargs, kwargs))
                 continue
             folder = os.path.join(root, EXPERT_FOLDER.format(k))
             if not os.path.isdir(folder):
@@ -584,13 +610,40 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
         mixture.eval()
         return mixture
 
-    @staticmethod
-    def _load_referenced_expert(expert_cls: type, source: dict, k: int, kwargs: dict, hub_kwargs: dict):
-        """An expert stored in another repo or folder, `{"repo_id", "revision", "subfolder"}`."""
-        from ..hub import resolve_model_folder
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        subfolder: str | None = None,
+        **kwargs,
+    ):
+        r"""
+        Push the mixture (config, routing parameters, every embedded expert, the mixture card and one card per expert)
+        to the Hub in **one commit**: a failed push leaves the previous revision intact. See
+        [`~diffusers_experts.hub.push_mixture_to_hub`] for the options (`metadata`, `expert_sources`, `revision`,
+        `commit_description`); experts can go to their own repos with
+        [`~diffusers_experts.hub.push_experts_to_hub`].
 
-        if not isinstance(source, dict) or "repo_id" not in source:
-            raise ValueError(f"`expert_sources[{k}]` must be a dict with a 'repo_id', got {source!r}.")
-        options = {**hub_kwargs, **({"revision": source["revision"]} if source.get("revision") else {})}
-        folder = resolve_model_folder(source["repo_id"], subfolder=source.get("subfolder"), **options)
-        return expert_cls.from_pretrained(folder, **kwargs)
+        Returns:
+            `huggingface_hub.CommitInfo`: The commit (`.oid` is its sha).
+        """
+        from ..hub import push_mixture_to_hub
+
+        if variant is not None:
+            kwargs["variant"] = variant
+        return push_mixture_to_hub(
+            self,
+            repo_id,
+            commit_message=commit_message,
+            private=private,
+            token=token,
+            create_pr=create_pr,
+            safe_serialization=safe_serialization,
+            subfolder=subfolder,
+            **kwargs,
+        )
