@@ -109,3 +109,13 @@ def make_unet():
 @pytest.fixture
 def make_mixture():
     return tiny_mixture
+
+
+# --- Loopback Hub-compatible server (tests/hub_server.py) on HUB_TEST_PORT, i.e. at HF_ENDPOINT; one per session.
+@pytest.fixture(scope="session")
+def hub_server():
+    from hub_server import HubTestServer
+
+    server = HubTestServer(HUB_TEST_PORT).start()
+    yield server
+    server.stop()
