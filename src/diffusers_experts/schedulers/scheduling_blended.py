@@ -1,0 +1,344 @@
+"""BlendedScheduler: wraps any diffusers noise scheduler and makes its stepping aware of a mixture's experts."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+
+
+ROUTING_SOURCES = ("auto", "sigma", "timestep")
+
+# diffusers schedulers whose noise levels come from a training `alphas_cumprod` table (VP / DDPM family): their
+# model-call noise level maps to a training timestep, which is what a mixture routes by.
+WRAPPABLE_SCHEDULERS = tuple(s.name for s in KarrasDiffusionSchedulers if s.name != "EDMEulerScheduler")
+
+
+def resolve_base_scheduler_class(name: str) -> type:
+    """A diffusers scheduler class by name, from the allow-list [`WRAPPABLE_SCHEDULERS`] (never an arbitrary import)."""
+    import diffusers
+
+    if name not in WRAPPABLE_SCHEDULERS:
+        raise ValueError(
+            f"`base_scheduler_class` must name a diffusers scheduler of the DDPM family, got {name!r}. "
+            f"Valid choices: {list(WRAPPABLE_SCHEDULERS)}."
+        )
+    return getattr(diffusers, name)
+
+
+def timesteps_from_sigmas(sigmas: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Fractional training timesteps with noise level `sigma = sqrt((1 - alpha_prod_t) / alpha_prod_t)`.
+
+    Interpolates `t` linearly in `log(sigma)` over the training table, exactly like diffusers' `_sigma_to_t`,
+    clamped to `[0, T - 1]`.
+    """
+    table = ((1 - alphas_cumprod.double()) / alphas_cumprod.double()).sqrt().log()
+    log_sigma = sigmas.double().clamp_min(1e-20).log().reshape(-1)
+    high = torch.searchsorted(table, log_sigma).clamp(1, table.numel() - 1)
+    low = high - 1
+    frac = ((log_sigma - table[low]) / (table[high] - table[low])).clamp(0.0, 1.0)
+    return (low.double() + frac).reshape(sigmas.shape)
+
+
+def allocate_steps(num_inference_steps: int, interval_lengths: Sequence[float]) -> list[int]:
+    """Split `num_inference_steps` over experts in proportion to their interval lengths (largest remainder, >= 1)."""
+    num_experts = len(interval_lengths)
+    if num_inference_steps < num_experts:
+        raise ValueError(
+            f"`num_inference_steps` ({num_inference_steps}) must be >= the number of experts ({num_experts}) to "
+            f"give every expert at least one step when the schedule is aligned to the boundaries."
+        )
+    spare = num_inference_steps - num_experts
+    total = float(sum(interval_lengths))
+    shares = [spare * length / total for length in interval_lengths]
+    steps = [1 + math.floor(s) for s in shares]
+    order = sorted(range(num_experts), key=lambda k: shares[k] - math.floor(shares[k]), reverse=True)
+    for k in order[: num_inference_steps - sum(steps)]:
+        steps[k] += 1
+    return steps
+
+
+def aligned_timesteps(
+    boundaries: Sequence[float], num_train_timesteps: int, steps_per_expert: Sequence[int]
+) -> list[int]:
+    """Descending integer timesteps where expert k's `n_k` evaluation points lie inside its own interval.
+
+    Expert k owns the integer timesteps `[ceil(b_k), ceil(b_{k+1}) - 1]`; its points are evenly spaced from the top of
+    that range down, and its last step lands exactly on the top timestep of expert k-1 (or on the clean sample for
+    expert 0), so no step integrates across a boundary.
+    """
+    edges = [0.0, *boundaries, float(num_train_timesteps)]
+    points: list[int] = []
+    for k in reversed(range(len(steps_per_expert))):
+        top = math.ceil(edges[k + 1]) - 1
+        bottom = math.ceil(edges[k]) - 1  # top timestep of expert k - 1 (-1: the clean sample)
+        n_k = steps_per_expert[k]
+        if n_k > top - bottom:
+            raise ValueError(
+                f"`steps_per_expert[{k}]` = {n_k} is more than the {top - bottom} integer training timesteps that "
+                f"expert {k} owns ([{bottom + 1}, {top}])."
+            )
+        spaced = np.round(np.linspace(top, bottom, n_k + 1)[:-1]).astype(np.int64).tolist()
+        points.extend(spaced)
+    return points
+
+
+class BlendedScheduler(SchedulerMixin, ConfigMixin):
+    r"""
+    Any diffusers noise scheduler of the DDPM family (DDPM, DDIM, DPM-Solver(++), Euler, Heun, LMS, UniPC, ... with or
+    without Karras sigmas), made expert-aware for an [`ExpertMixtureUNet`]. Stepping is delegated to the wrapped
+    `base` scheduler (`set_timesteps`, `step`, `scale_model_input`, `add_noise`, `timesteps`, `init_noise_sigma`,
+    `order`, and any other attribute); the wrapper adds:
+
+    - **Routing timesteps** ([`~BlendedScheduler.routing_timestep`]): the training timestep whose noise level equals
+      the noise level of the sample a model call receives, `t = sigma^-1(sigma_i)` with
+      `sigma = sqrt((1 - alpha_prod_t) / alpha_prod_t)`. Schedulers that step in sigma (Euler, Heun, LMS, DPM-Solver
+      and UniPC, with Karras sigmas too) are routed by their exact, unrounded noise level.
+    - **Boundary alignment** (`align_to_boundaries=True`): the inference schedule is rebuilt so that each expert's
+      steps start inside its own interval and its last step lands on the top timestep of the next lower expert: no
+      step integrates across a hard boundary.
+    - **Steps per expert** (`steps_per_expert=[n_0, ..., n_{N-1}]`, expert 0 = lowest noise): how many of the
+      `num_inference_steps` each expert takes, e.g. more where structure forms (high noise). Implies alignment.
+
+    The boundaries are read from the mixture at [`~BlendedScheduler.set_timesteps`] time (`mixture=...`; the
+    [`MultiExpertPipeline`] passes its `unet`): they are owned by the mixture config and never stored here.
+    Alignment and `steps_per_expert` need a base whose `set_timesteps` accepts custom `timesteps` (DDPM,
+    DPM-Solver multistep and Euler / Heun without Karras sigmas).
+
+    Args:
+        base_scheduler_class (`str`, defaults to `"DDIMScheduler"`): Class name of the wrapped diffusers scheduler.
+        base_scheduler_config (`dict`, *optional*): Its config (plain JSON values), as in its `scheduler_config.json`.
+        align_to_boundaries (`bool`, defaults to `False`): Align the inference schedule to the mixture's boundaries.
+        steps_per_expert (`list[int]`, *optional*): Steps per expert (expert 0 first); must sum to the step count.
+        routing_source (`str`, defaults to `"auto"`): What a model call is routed by: `"sigma"` (the noise level of
+            the call's input), `"timestep"` (the timestep passed to the model) or `"auto"` (`"sigma"` when the base
+            scheduler keeps a `sigmas` table, else `"timestep"`; DDPM/DDIM/PNDM pass training timesteps).
+
+    Example:
+        ```py
+        >>> from diffusers import DPMSolverMultistepScheduler
+        >>> from diffusers_experts import BlendedScheduler, MultiExpertPipeline
+
+        >>> scheduler = BlendedScheduler.from_scheduler(DPMSolverMultistepScheduler(), steps_per_expert=[4, 6, 10])
+        >>> pipe = MultiExpertPipeline(unet=mixture, scheduler=scheduler)  # a mixture of 3 experts
+        >>> images = pipe(num_inference_steps=20).images
+        ```
+    """
+
+    config_name = "scheduler_config.json"
+    _compatibles: list[str] = []
+
+    @register_to_config
+    def __init__(
+        self,
+        base_scheduler_class: str = "DDIMScheduler",
+        base_scheduler_config: dict[str, Any] | None = None,
+        align_to_boundaries: bool = False,
+        steps_per_expert: list[int] | None = None,
+        routing_source: str = "auto",
+    ):
+        base_cls = resolve_base_scheduler_class(base_scheduler_class)
+        if base_scheduler_config is not None and not isinstance(base_scheduler_config, dict):
+            raise TypeError(f"`base_scheduler_config` must be a dict or None, got {type(base_scheduler_config)}.")
+        if not isinstance(align_to_boundaries, bool):
+            raise TypeError(f"`align_to_boundaries` must be a bool, got {align_to_boundaries!r}.")
+        if routing_source not in ROUTING_SOURCES:
+            raise ValueError(f"`routing_source` must be one of {list(ROUTING_SOURCES)}, got {routing_source!r}.")
+        if steps_per_expert is not None:
+            values = list(steps_per_expert)
+            if not values or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in values):
+                raise ValueError(
+                    f"`steps_per_expert` must be a non-empty list of integers >= 1 (one per expert), got "
+                    f"{steps_per_expert!r}."
+                )
+        self.base = base_cls.from_config(dict(base_scheduler_config or {}))
+        if routing_source == "sigma" and getattr(self.base, "alphas_cumprod", None) is None:
+            raise ValueError(
+                f"`routing_source='sigma'` needs a base with `alphas_cumprod`; {base_scheduler_class} has none."
+            )
+        self.boundaries: list[float] | None = None
+
+    @classmethod
+    def from_scheduler(cls, scheduler: SchedulerMixin, **options) -> BlendedScheduler:
+        r"""
+        Wrap an existing diffusers `scheduler` (its class and config are copied into this scheduler's config).
+
+        Args:
+            scheduler (`SchedulerMixin`): e.g. `DPMSolverMultistepScheduler(use_karras_sigmas=True)`.
+            options: `align_to_boundaries`, `steps_per_expert`, `routing_source`.
+        """
+        if isinstance(scheduler, BlendedScheduler):
+            raise TypeError("`scheduler` is already a BlendedScheduler; wrap its `.base` scheduler instead.")
+        if not isinstance(scheduler, SchedulerMixin):
+            raise TypeError(f"`scheduler` must be a diffusers scheduler (SchedulerMixin), got {type(scheduler)}.")
+        allowed = {"align_to_boundaries", "steps_per_expert", "routing_source"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise TypeError(f"Unknown BlendedScheduler option(s) {unknown}; valid: {sorted(allowed)}.")
+        config = {key: value for key, value in dict(scheduler.config).items() if not key.startswith("_")}
+        return cls(base_scheduler_class=type(scheduler).__name__, base_scheduler_config=config, **options)
+
+    @classmethod
+    def _get_compatibles(cls) -> list[type]:
+        """BlendedScheduler itself and every diffusers scheduler it can wrap (diffusers' version looks in diffusers)."""
+        import diffusers
+
+        return [cls, *(getattr(diffusers, name) for name in WRAPPABLE_SCHEDULERS if hasattr(diffusers, name))]
+
+    # ------------------------------------------------------------------ delegation
+
+    def __getattr__(self, name: str):
+        # only called when normal lookup fails: everything the base scheduler has (sigmas, step_index, ...)
+        if name in ("base", "_internal_dict") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.base.timesteps
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return self.base.init_noise_sigma
+
+    @property
+    def order(self) -> int:
+        return self.base.order
+
+    @property
+    def num_inference_steps(self) -> int | None:
+        return self.base.num_inference_steps
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return self.base.scale_model_input(sample, timestep)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, *args, **kwargs):
+        return self.base.step(model_output, timestep, sample, *args, **kwargs)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+        return self.base.add_noise(original_samples, noise, timesteps)
+
+    def __len__(self) -> int:
+        return self.base.config.num_train_timesteps
+
+    # ------------------------------------------------------------------ expert-aware schedule
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        mixture=None,
+        **kwargs,
+    ) -> None:
+        r"""
+        Set the inference schedule of the base scheduler, aligned to `mixture`'s boundaries when asked.
+
+        Args:
+            num_inference_steps (`int`): Number of denoising steps.
+            device (`str` or `torch.device`, *optional*): Device of the timesteps.
+            mixture ([`ExpertMixtureUNet`], *optional*): The mixture whose boundaries the schedule follows; required
+                with `align_to_boundaries=True` or `steps_per_expert`.
+            kwargs: Passed to the base scheduler's `set_timesteps` (e.g. custom `timesteps`), plain schedules only.
+        """
+        cfg = self.config
+        if mixture is not None:
+            self._read_mixture(mixture)
+        if not (cfg.align_to_boundaries or cfg.steps_per_expert is not None):
+            self.base.set_timesteps(num_inference_steps, device=device, **kwargs)
+            return
+        if mixture is None:
+            raise ValueError(
+                "`mixture` is required: `align_to_boundaries` / `steps_per_expert` follow the mixture's boundaries, "
+                "call `set_timesteps(num_inference_steps, device, mixture=unet)`."
+            )
+        if kwargs:
+            raise ValueError(
+                f"Custom schedule arguments {sorted(kwargs)} cannot be combined with an aligned schedule."
+            )
+        num_experts = len(self.boundaries) + 1
+        steps = self._steps_per_expert(num_inference_steps, num_experts, mixture)
+        timesteps = aligned_timesteps(self.boundaries, mixture.config.num_train_timesteps, steps)
+        if "timesteps" not in inspect.signature(self.base.set_timesteps).parameters:
+            raise ValueError(
+                f"{type(self.base).__name__} cannot take a custom schedule, which `align_to_boundaries` / "
+                f"`steps_per_expert` need. Use a base whose `set_timesteps` accepts `timesteps` (DDPMScheduler, "
+                f"DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler) or "
+                f"align_to_boundaries=False without steps_per_expert."
+            )
+        try:
+            self.base.set_timesteps(device=device, timesteps=timesteps)
+        except ValueError as error:
+            raise ValueError(
+                f"{type(self.base).__name__} refused the boundary-aligned schedule {timesteps}: {error} (Karras / "
+                f"exponential / beta sigmas define their own spacing: disable them or use align_to_boundaries=False)."
+            ) from error
+
+    def _read_mixture(self, mixture) -> None:
+        """Boundaries from the mixture config (their one owner), after checking both use the same `T`."""
+        config = getattr(mixture, "config", None)
+        if config is None or "boundaries" not in config:
+            raise TypeError(f"`mixture` must be an ExpertMixtureUNet, got {type(mixture).__name__}.")
+        if config.num_train_timesteps != self.base.config.num_train_timesteps:
+            raise ValueError(
+                f"The mixture was trained with num_train_timesteps={config.num_train_timesteps} but the scheduler "
+                f"uses {self.base.config.num_train_timesteps}: routing would put calls on the wrong experts."
+            )
+        self.boundaries = [float(b) for b in config.boundaries]
+
+    def _steps_per_expert(self, num_inference_steps: int | None, num_experts: int, mixture) -> list[int]:
+        steps = self.config.steps_per_expert
+        if steps is None:
+            if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+                raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+            lengths = [high - low for low, high in mixture.expert_intervals]
+            return allocate_steps(num_inference_steps, lengths)
+        steps = list(steps)
+        if len(steps) != num_experts:
+            raise ValueError(
+                f"`steps_per_expert` must hold one step count per expert ({num_experts}), got {len(steps)}: {steps!r}."
+            )
+        if num_inference_steps is not None and sum(steps) != num_inference_steps:
+            raise ValueError(
+                f"`steps_per_expert` {steps!r} sums to {sum(steps)} steps, but num_inference_steps="
+                f"{num_inference_steps}: make them equal (or pass num_inference_steps=None)."
+            )
+        return steps
+
+    # ------------------------------------------------------------------ routing
+
+    def _uses_sigma(self) -> bool:
+        source = self.config.routing_source
+        if source == "auto":
+            return (
+                getattr(self.base, "sigmas", None) is not None
+                and getattr(self.base, "alphas_cumprod", None) is not None
+            )
+        return source == "sigma"
+
+    def _index_of(self, timestep) -> int:
+        """Index of the current step: the base's `step_index`, its `begin_index`, or the position of `timestep`."""
+        index = getattr(self.base, "step_index", None)
+        if index is None:
+            index = getattr(self.base, "begin_index", None)
+        if index is None:
+            index = self.base.index_for_timestep(timestep)
+        return int(index)
+
+    def routing_timestep(self, timestep, step_index: int | None = None) -> torch.Tensor:
+        r"""
+        Training timestep (float, noise-level units) that a model call at `timestep` must be routed by.
+
+        With sigma routing it is `t(sigma_i)`, the exact training timestep of the noise level of step `step_index`
+        (default: the base scheduler's current step). Otherwise the model timestep itself.
+        """
+        if not self._uses_sigma():
+            return torch.as_tensor(timestep).float()
+        index = self._index_of(timestep) if step_index is None else int(step_index)
+        sigma = torch.as_tensor(self.base.sigmas[index])
+        return timesteps_from_sigmas(sigma, self.base.alphas_cumprod).float()
