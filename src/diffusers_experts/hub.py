@@ -225,13 +225,22 @@ def _expert_folder(repo_or_path: str, subfolder: str | None, revision: str | Non
     if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
         raise ValueError(
             f"{what}: {_where(path, revision)} has no expert folder {subfolder or '.'!r} (no "
-            f"{_join(subfolder, CONFIG_NAME)!r}); folders there: {_top_folders(root)}."
+            f"{_join(subfolder, CONFIG_NAME)!r}); folders there: {_repo_folders(path, revision, options)}."
         )
     return folder
 
 
-def _top_folders(root: str) -> list[str]:
-    return sorted(name for name in os.listdir(root) if os.path.isdir(os.path.join(root, name)))
+def _repo_folders(repo_id: str, revision: str | None, hub_kwargs: dict) -> list[str] | str:
+    """Top-level folders of a Hub repo (for error messages), or `"unknown"` when they cannot be listed."""
+    from huggingface_hub import HfApi
+
+    if hub_kwargs.get("local_files_only"):
+        return "unknown (local_files_only=True)"
+    try:
+        tree = HfApi(token=hub_kwargs.get("token")).list_repo_tree(repo_id, revision=revision)
+        return sorted(entry.path for entry in tree if not hasattr(entry, "size"))
+    except Exception:  # only used to enrich an error message
+        return "unknown"
 
 
 def _check_fits_mixture(expert, mixture_config: Mapping, what: str) -> None:

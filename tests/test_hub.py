@@ -1,0 +1,244 @@
+"""Hub push / pull of mixtures and experts over real HTTP, against the loopback Hub (tests/hub_server.py)."""
+
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError
+from torch import nn
+
+from conftest import tiny_iunet, tiny_mixture, tiny_unet
+from diffusers_experts import ExpertMixtureUNet, IUNet2DModel
+from diffusers_experts.hub import load_expert, push_experts_to_hub, push_mixture_to_hub
+
+
+_ids = itertools.count()
+X = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+T = torch.tensor([5, 480, 990])
+
+
+@pytest.fixture
+def repo(hub_server, request):
+    """A fresh repo id per test (the server lives for the whole session)."""
+    return f"org/{request.node.name.replace('[', '-').replace(']', '')[:60]}-{next(_ids)}"
+
+
+def _same_outputs(a, b):
+    with torch.no_grad():
+        torch.testing.assert_close(a(X, T).sample, b(X, T).sample)
+
+
+def _snapshot_files(cache_dir) -> list[str]:
+    """Files of every snapshot in a huggingface_hub cache folder (relative to their snapshot)."""
+    found = []
+    for path in Path(cache_dir).rglob("*"):
+        parts = path.relative_to(cache_dir).parts
+        if path.is_file() and "snapshots" in parts:
+            found.append("/".join(parts[parts.index("snapshots") + 2 :]))
+    return sorted(found)
+
+
+def test_mixture_round_trip_in_one_commit(repo, tmp_path):
+    mixture = tiny_mixture(2, routing="learned", kind="iunet")
+    with torch.no_grad():
+        mixture.routing_logits.add_(0.1 * torch.randn_like(mixture.routing_logits))
+    api = HfApi()
+    info = mixture.push_to_hub(repo, metadata={"training_steps": 123, "metrics": {"fid": 9.5}})
+    commits = api.list_repo_commits(repo)
+    assert [c.commit_id for c in commits[:1]] == [info.oid] and len(commits) == 2  # repo creation + ONE commit
+    assert sorted(api.list_repo_files(repo)) == [
+        ".gitattributes", "README.md", "config.json",
+        "expert_0/README.md", "expert_0/config.json", "expert_0/diffusion_pytorch_model.safetensors",
+        "expert_1/README.md", "expert_1/config.json", "expert_1/diffusion_pytorch_model.safetensors",
+        "routing.safetensors",
+    ]  # fmt: skip
+    model_info = api.model_info(repo)
+    assert model_info.library_name == "diffusers-experts"
+    assert model_info.pipeline_tag == "unconditional-image-generation"
+    assert {"diffusers", "mixture-of-experts", "diffusers-experts"} <= set(model_info.tags)
+    card = ModelCard.load(hf_hub_download(repo, "README.md"))
+    assert "training steps: 123" in card.text and "| fid | 9.5 |" in card.text
+    assert f'ExpertMixtureUNet.from_pretrained("{repo}")' in card.text
+
+    loaded = ExpertMixtureUNet.from_pretrained(repo, cache_dir=tmp_path)
+    assert loaded.config.expert_classes == mixture.config.expert_classes
+    torch.testing.assert_close(loaded.routing_logits, mixture.routing_logits)
+    _same_outputs(loaded, mixture)
+    # each expert is a normal diffusers model folder on the Hub
+    alone = IUNet2DModel.from_pretrained(repo, subfolder="expert_1", cache_dir=tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(alone(X, T).sample, mixture.experts[1](X, T).sample)
+
+
+def test_new_push_replaces_old_version_and_older_revision_still_loads(repo, tmp_path):
+    api = HfApi()
+    three = tiny_mixture(3, routing="learned")
+    first = three.push_to_hub(repo)
+    api.upload_file(path_or_fileobj=b"png bytes", path_in_repo="samples/grid.png", repo_id=repo)
+    two = tiny_mixture(2, seed=7)
+    second = two.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id=repo, commit_message="two experts")
+    assert second is None  # save_pretrained pushes as a side effect
+    files = set(api.list_repo_files(repo))
+    assert "expert_2/config.json" not in files and "routing.safetensors" not in files  # stale entries deleted
+    assert "samples/grid.png" in files  # files the mixture does not own are kept
+    assert api.list_repo_commits(repo)[0].title == "two experts"
+
+    _same_outputs(ExpertMixtureUNet.from_pretrained(repo, cache_dir=tmp_path), two)
+    old = ExpertMixtureUNet.from_pretrained(repo, revision=first.oid, cache_dir=tmp_path)
+    assert old.num_experts == 3 and old.config.routing == "learned"
+    _same_outputs(old, three)
+
+
+def test_failed_push_leaves_the_previous_revision_intact(repo, hub_server, tmp_path):
+    api = HfApi()
+    before = tiny_mixture(2)
+    kept = before.push_to_hub(repo)
+    hub_server.fail_commits = 1
+    with pytest.raises(HfHubHTTPError, match=f"nothing was committed, the repo is unchanged at {kept.oid}"):
+        tiny_mixture(3, seed=3).push_to_hub(repo)
+    assert api.model_info(repo).sha == kept.oid
+    assert len(api.list_repo_commits(repo)) == 2
+    assert "expert_2/config.json" not in api.list_repo_files(repo)
+    _same_outputs(ExpertMixtureUNet.from_pretrained(repo, cache_dir=tmp_path), before)
+
+
+def test_push_to_branch_and_pull_request(repo):
+    api = HfApi()
+    main = tiny_mixture(2).push_to_hub(repo)
+    dev = push_mixture_to_hub(tiny_mixture(2, seed=5), repo, revision="dev")
+    assert api.model_info(repo).sha == main.oid and api.model_info(repo, revision="dev").sha == dev.oid
+    pr = push_mixture_to_hub(tiny_mixture(2, seed=6), repo, create_pr=True)
+    assert pr.pr_url is not None and api.model_info(repo).sha == main.oid
+    assert [p.ref for p in api.list_repo_refs(repo, include_pull_requests=True).pull_requests] == ["refs/pr/1"]
+
+
+def test_per_expert_repos_assembled_into_a_mixture(repo, tmp_path):
+    api = HfApi()
+    mixture = ExpertMixtureUNet.from_experts([tiny_unet(0), tiny_iunet(1)], boundaries=[300], routing="sigmoid")
+    expert_repos = [f"{repo}-low", f"{repo}-high"]
+    metadata = {"experts": [{"training_steps": 1000, "metrics": {"loss": 0.04}}, None]}
+    sources = push_experts_to_hub(mixture, expert_repos, metadata=metadata, mixture_repo_id=repo)
+    assert [s["repo_id"] for s in sources] == expert_repos
+    assert all(s["revision"] == api.model_info(r).sha for s, r in zip(sources, expert_repos))  # pinned to commits
+    assert sorted(api.list_repo_files(expert_repos[0])) == [
+        ".gitattributes", "README.md", "config.json", "diffusion_pytorch_model.safetensors"
+    ]  # fmt: skip
+    card = api.model_info(expert_repos[0])
+    assert card.library_name == "diffusers"  # a UNet2DModel expert loads with diffusers alone
+    text = ModelCard.load(hf_hub_download(expert_repos[0], "README.md")).text
+    assert f"[{repo}](https://huggingface.co/{repo})" in text and "**[0, 300)**" in text and "1,000" in text
+
+    push_mixture_to_hub(mixture, repo, expert_sources=sources)
+    assert sorted(api.list_repo_files(repo)) == [".gitattributes", "README.md", "config.json"]  # references only
+    assert mixture.config.expert_sources is None  # the in-memory mixture is unchanged
+    loaded = ExpertMixtureUNet.from_pretrained(repo, cache_dir=tmp_path)
+    assert loaded.config.expert_sources == sources
+    _same_outputs(loaded, mixture)
+
+    # a newer expert version on the expert repo does not change the pinned mixture
+    push_experts_to_hub(ExpertMixtureUNet.from_experts([tiny_unet(9), tiny_iunet(1)]), [expert_repos[0], None])
+    _same_outputs(ExpertMixtureUNet.from_pretrained(repo, cache_dir=tmp_path), mixture)
+
+    # from_experts with references: kept as references when saving locally
+    assembled = ExpertMixtureUNet.from_experts(
+        [sources[0], {"repo_id": expert_repos[1], "revision": sources[1]["revision"]}], boundaries=[300],
+        routing="sigmoid",
+    )  # fmt: skip
+    _same_outputs(assembled, mixture)
+    assembled.save_pretrained(tmp_path / "assembled")
+    assert sorted(os.listdir(tmp_path / "assembled")) == ["config.json"]
+    _same_outputs(ExpertMixtureUNet.from_pretrained(tmp_path / "assembled", cache_dir=tmp_path), mixture)
+    # a repo id string embeds the expert instead
+    embedded = ExpertMixtureUNet.from_experts([tiny_unet(0), expert_repos[1]], boundaries=[300], routing="sigmoid")
+    assert embedded.config.expert_sources is None
+    _same_outputs(embedded, mixture)
+
+
+def test_pull_downloads_only_needed_files(repo, hub_server, tmp_path):
+    api = HfApi()
+    mixture = tiny_mixture(3)
+    mixture.push_to_hub(repo)
+    api.upload_file(path_or_fileobj=os.urandom(5000), path_in_repo="samples/grid.safetensors", repo_id=repo)
+
+    full = tmp_path / "full"
+    ExpertMixtureUNet.from_pretrained(repo, cache_dir=full)
+    assert _snapshot_files(full) == sorted(
+        ["config.json"]
+        + [f"expert_{k}/{f}" for k in range(3) for f in ("config.json", "diffusion_pytorch_model.safetensors")]
+    )  # no cards, no samples
+
+    one = tmp_path / "one"
+    start = len(hub_server.request_log)
+    expert = load_expert(repo, 1, cache_dir=one)
+    assert _snapshot_files(one) == [
+        "config.json",
+        "expert_1/config.json",
+        "expert_1/diffusion_pytorch_model.safetensors",
+    ]
+    downloads = [p for m, p in hub_server.request_log[start:] if m == "GET" and "/resolve/" in p]
+    assert all("expert_0" not in p and "expert_2" not in p for p in downloads)
+    with torch.no_grad():
+        torch.testing.assert_close(expert(X, T).sample, mixture.experts[1](X, T).sample)
+
+
+def test_cache_dir_local_files_only_and_token(repo, hub_server, tmp_path):
+    mixture = tiny_mixture(2)
+    mixture.push_to_hub(repo, private=True)
+    with pytest.raises(ValueError, match=f"Hub repo '{repo}' was not found .*token"):
+        ExpertMixtureUNet.from_pretrained(repo, token=False, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="`local_files_only=True` and it is not in the cache"):
+        ExpertMixtureUNet.from_pretrained(repo, local_files_only=True, cache_dir=tmp_path)
+    ExpertMixtureUNet.from_pretrained(repo, token=os.environ["HF_TOKEN"], cache_dir=tmp_path)
+    start = len(hub_server.request_log)
+    offline = ExpertMixtureUNet.from_pretrained(repo, local_files_only=True, cache_dir=tmp_path)
+    assert hub_server.request_log[start:] == []  # served from cache_dir, no request at all
+    _same_outputs(offline, mixture)
+
+
+def test_errors_name_repo_revision_and_expert(repo, tmp_path):
+    api = HfApi()
+    with pytest.raises(ValueError, match="Hub repo 'org/does-not-exist' was not found"):
+        ExpertMixtureUNet.from_pretrained("org/does-not-exist", cache_dir=tmp_path)
+    mixture = tiny_mixture(2)
+    mixture.push_to_hub(repo)
+    with pytest.raises(ValueError, match=f"revision 'v9' does not exist in Hub repo '{repo}'"):
+        ExpertMixtureUNet.from_pretrained(repo, revision="v9", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="has no 'unet/config.json': not a saved ExpertMixtureUNet .*'unet'"):
+        ExpertMixtureUNet.from_pretrained(repo, subfolder="unet", cache_dir=tmp_path)
+
+    # an expert folder missing in the referenced repo
+    missing = [None, {"repo_id": repo, "revision": None, "subfolder": "expert_7"}]
+    push_mixture_to_hub(mixture, f"{repo}-ref", expert_sources=missing)
+    with pytest.raises(ValueError, match=rf"Expert 1 \('{repo}/expert_7'.*no expert folder 'expert_7'.*\['expert_0', 'expert_1'\]"):  # fmt: skip
+        ExpertMixtureUNet.from_pretrained(f"{repo}-ref", cache_dir=tmp_path)
+
+    # a referenced expert whose channels do not fit the mixture
+    gray = ExpertMixtureUNet.from_experts([tiny_unet(0, in_channels=1, out_channels=1)])
+    (source,) = push_experts_to_hub(gray, [f"{repo}-gray"])
+    push_mixture_to_hub(mixture, f"{repo}-mismatch", expert_sources=[None, source])
+    with pytest.raises(ValueError, match=rf"Expert 1 \('{repo}-gray'.*`in_channels`=1, the mixture needs 3"):
+        ExpertMixtureUNet.from_pretrained(f"{repo}-mismatch", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=rf"Expert 1 \('{repo}-gray'.*`in_channels`=1, the mixture needs 3"):
+        ExpertMixtureUNet.from_experts([tiny_unet(0), source])
+
+    # pushing nothing
+    empty = tiny_mixture(1)
+    empty.experts = nn.ModuleList()
+    with pytest.raises(ValueError, match=f"Cannot push to '{repo}-empty': the mixture has no experts"):
+        empty.push_to_hub(f"{repo}-empty")
+    assert not api.repo_exists(f"{repo}-empty")
+    with pytest.raises(ValueError, match=r"one repo id \(or None\) per expert \(2\)"):
+        push_experts_to_hub(mixture, ["org/only-one"])
+    with pytest.raises(ValueError, match=r"one reference \(or None\) per expert \(2\)"):
+        push_mixture_to_hub(mixture, repo, expert_sources=[None])
+    with pytest.raises(ValueError, match=r"`expert_sources\[1\]` has unknown key\(s\) \['branch'\]"):
+        push_mixture_to_hub(mixture, repo, expert_sources=[None, {"repo_id": repo, "branch": "main"}])
+    with pytest.raises(ValueError, match="`repo_id` must be a Hub repo id"):
+        push_mixture_to_hub(mixture, "not a repo")
+    with pytest.raises(ValueError, match=r"`expert` must be an expert index in \[0, 1\], got 2"):
+        load_expert(repo, 2, cache_dir=tmp_path)
+    with pytest.raises(TypeError, match="must be an ExpertMixtureUNet or a pipeline"):
+        push_mixture_to_hub(tiny_unet(), repo)
