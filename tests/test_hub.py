@@ -242,3 +242,40 @@ def test_errors_name_repo_revision_and_expert(repo, tmp_path):
         load_expert(repo, 2, cache_dir=tmp_path)
     with pytest.raises(TypeError, match="must be an ExpertMixtureUNet or a pipeline"):
         push_mixture_to_hub(tiny_unet(), repo)
+
+
+def test_pipeline_round_trip(repo, tmp_path):
+    from diffusers import DDIMScheduler
+
+    from diffusers_experts import MultiExpertPipeline
+
+    api = HfApi()
+    mixture = ExpertMixtureUNet.from_experts([tiny_unet(0), tiny_iunet(1)], routing="linear")
+    pipeline = MultiExpertPipeline(unet=mixture, scheduler=DDIMScheduler(num_train_timesteps=1000))
+    info = pipeline.push_to_hub(repo, metadata={"dataset": "MNIST"})
+    assert [c.commit_id for c in api.list_repo_commits(repo)] == [info.oid, api.list_repo_commits(repo)[-1].commit_id]
+    files = set(api.list_repo_files(repo))
+    assert {"model_index.json", "README.md", "scheduler/scheduler_config.json", "unet/config.json",
+            "unet/expert_0/README.md", "unet/expert_1/diffusion_pytorch_model.safetensors"} <= files  # fmt: skip
+    card = ModelCard.load(hf_hub_download(repo, "README.md", cache_dir=tmp_path / "card"))
+    assert card.data.library_name == "diffusers-experts" and "`unet/`" in card.text
+    assert f'MultiExpertPipeline.from_pretrained("{repo}")' in card.text
+
+    cache = tmp_path / "cache"
+    loaded = MultiExpertPipeline.from_pretrained(repo, cache_dir=cache)
+    assert "README.md" not in _snapshot_files(cache) and "unet/expert_0/README.md" not in _snapshot_files(cache)
+    assert type(loaded.scheduler).__name__ == "DDIMScheduler"
+    run = dict(batch_size=2, num_inference_steps=3, output_type="np")
+    expected = pipeline(generator=torch.Generator().manual_seed(0), **run).images
+    got = loaded(generator=torch.Generator().manual_seed(0), **run).images
+    assert abs(got - expected).max() < 1e-5
+
+    # experts referenced from their own repos; older pipeline revision still loads
+    sources = push_experts_to_hub(mixture, [f"{repo}-e0", f"{repo}-e1"], mixture_repo_id=repo)
+    second = push_mixture_to_hub(pipeline, repo, expert_sources=sources)
+    assert not any(f.startswith("unet/expert_") for f in api.list_repo_files(repo))
+    referenced = MultiExpertPipeline.from_pretrained(repo, cache_dir=cache)
+    assert referenced.unet.config.expert_sources == sources
+    assert abs(referenced(generator=torch.Generator().manual_seed(0), **run).images - expected).max() < 1e-5
+    older = MultiExpertPipeline.from_pretrained(repo, revision=info.oid, cache_dir=cache)
+    assert older.unet.config.expert_sources is None and second.oid != info.oid

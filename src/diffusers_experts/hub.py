@@ -5,8 +5,8 @@
 - [`push_experts_to_hub`]: each expert to its own repo with its own card; returns the `expert_sources` references
   (`{"repo_id", "revision", "subfolder"}`, revision pinned to the pushed commit) a mixture config can hold instead of
   embedding the experts.
-- [`resolve_mixture_folder`] / [`load_expert`]: pull only the files a mixture (or one expert) needs
-  (`allow_patterns`), honouring `revision`, `cache_dir`, `local_files_only` and `token`.
+- [`resolve_mixture_folder`] / [`resolve_pipeline_folder`] / [`load_expert`]: pull only the files a mixture, a
+  pipeline or one expert needs (`allow_patterns`), honouring `revision`, `cache_dir`, `local_files_only`, `token`.
 - [`resolve_model_folder`]: a local folder, or a Hub repo id fetched with `snapshot_download`.
 - Model cards: [`save_model_cards`], [`mixture_model_card`], [`expert_model_card`] (see `model_card.py`).
 
@@ -34,6 +34,7 @@ __all__ = [
     "push_mixture_to_hub",
     "resolve_mixture_folder",
     "resolve_model_folder",
+    "resolve_pipeline_folder",
     "save_model_cards",
 ]
 
@@ -181,15 +182,59 @@ def resolve_mixture_folder(
 
     hub_kwargs = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
     what = f"Loading mixture {path!r}"
-    config = _download_mixture_config(path, subfolder, hub_kwargs, what)
-    sources = config.get("expert_sources") or [None] * len(config.get("expert_classes", []))
-    patterns = [_join(subfolder, CONFIG_NAME), _join(subfolder, ROUTING_WEIGHTS_NAME)]
-    for k, source in enumerate(sources):
-        if source is None:
-            patterns += [_join(subfolder, f"expert_{k}", p) for p in MODEL_FILE_PATTERNS]
+    patterns = _mixture_patterns(_download_mixture_config(path, subfolder, hub_kwargs, what), subfolder)
     with _hub_errors(path, revision, what, local_files_only):
         root = snapshot_download(path, allow_patterns=patterns, **hub_kwargs)
     return os.path.join(root, subfolder) if subfolder else root
+
+
+def _mixture_patterns(config: Mapping, subfolder: str | None) -> list[str]:
+    """`allow_patterns` of what loading a mixture needs: its config, routing weights and embedded experts."""
+    patterns = [_join(subfolder, CONFIG_NAME), _join(subfolder, ROUTING_WEIGHTS_NAME)]
+    sources = config.get("expert_sources") or [None] * len(config.get("expert_classes", []))
+    for k, source in enumerate(sources):
+        if source is None:
+            patterns += [_join(subfolder, f"expert_{k}", p) for p in MODEL_FILE_PATTERNS]
+    return patterns
+
+
+def resolve_pipeline_folder(
+    name_or_path: str | os.PathLike,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+) -> str:
+    r"""
+    Local folder of a saved `MultiExpertPipeline`: a folder as is, or, for a Hub repo id, a snapshot holding
+    `model_index.json`, each component's folder and, for the `ExpertMixtureUNet` component, only its config, routing
+    weights and embedded experts (no model cards, sample images or experts referenced from other repos).
+
+    Args:
+        name_or_path (`str` or `os.PathLike`): A folder or a Hub repo id `"org/name"`.
+        revision, cache_dir, local_files_only, token: As in `huggingface_hub.snapshot_download`.
+    """
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    path = os.fspath(name_or_path)
+    if _is_local_path(path):
+        return path
+    hub_kwargs = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+    what = f"Loading pipeline {path!r}"
+    with _hub_errors(path, revision, what, local_files_only):
+        with open(hf_hub_download(path, "model_index.json", **hub_kwargs), encoding="utf-8") as f:
+            model_index = json.load(f)
+    patterns = ["model_index.json"]
+    for name, value in model_index.items():
+        if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or None in value:
+            continue
+        library, class_name = value  # diffusers writes the module path, e.g. "diffusers_experts.models.expert_mixture"
+        if library.split(".")[0] == "diffusers_experts" and class_name == "ExpertMixtureUNet":
+            patterns += _mixture_patterns(_download_mixture_config(path, name, hub_kwargs, what), name)
+        else:
+            patterns.append(f"{name}/*")
+    with _hub_errors(path, revision, what, local_files_only):
+        return snapshot_download(path, allow_patterns=patterns, **hub_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------- experts

@@ -131,13 +131,48 @@ class MultiExpertPipeline(DiffusionPipeline):
             kwargs: Passed to `DiffusionPipeline.from_pretrained` (e.g. `torch_dtype`, or a component to replace:
                 `scheduler=...`).
         """
-        from ..hub import resolve_model_folder
+        from ..hub import resolve_pipeline_folder
 
         hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
         path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(path):
-            path = resolve_model_folder(path, **hub_kwargs)
+            path = resolve_pipeline_folder(path, **hub_kwargs)  # only the files loading needs
         return super().from_pretrained(path, **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        **kwargs,
+    ):
+        r"""
+        Push the pipeline (`model_index.json`, every component, the mixture's experts, a pipeline card and one card
+        per expert) to the Hub in **one commit**, so a failed push leaves the previous revision intact. Options
+        (`metadata`, `expert_sources`, `revision`, `commit_description`): see
+        [`~diffusers_experts.hub.push_mixture_to_hub`].
+
+        Returns:
+            `huggingface_hub.CommitInfo`: The commit (`.oid` is its sha).
+        """
+        from ..hub import push_mixture_to_hub
+
+        if variant is not None:
+            kwargs["variant"] = variant
+        return push_mixture_to_hub(
+            self,
+            repo_id,
+            commit_message=commit_message,
+            private=private,
+            token=token,
+            create_pr=create_pr,
+            safe_serialization=safe_serialization,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ per-expert offload
 
