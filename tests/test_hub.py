@@ -279,3 +279,49 @@ def test_pipeline_round_trip(repo, tmp_path):
     assert abs(referenced(generator=torch.Generator().manual_seed(0), **run).images - expected).max() < 1e-5
     older = MultiExpertPipeline.from_pretrained(repo, revision=info.oid, cache_dir=cache)
     assert older.unet.config.expert_sources is None and second.oid != info.oid
+
+
+def test_lora_experts_push_only_adapters(repo, tmp_path):
+    from diffusers_experts import LoRAExpert
+
+    api = HfApi()
+    base = tiny_unet(0)
+    base.push_to_hub(f"{repo}-base")  # diffusers' own push of the public base
+    experts = [LoRAExpert.from_base(base, f"{repo}-base", adapter_name=f"expert_{k}", rank=2) for k in range(2)]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for expert in experts:
+            for parameter in expert.adapter_parameters():
+                parameter.normal_(0, 0.05)
+    mixture = ExpertMixtureUNet.from_experts(experts, routing="linear")
+    mixture.push_to_hub(repo)
+    infos = {f.path: f for f in api.list_repo_tree(repo, recursive=True) if hasattr(f, "size")}
+    assert sorted(p for p in infos if p.startswith("expert_0/")) == [
+        "expert_0/README.md", "expert_0/adapter_model.safetensors", "expert_0/config.json"
+    ]  # fmt: skip
+    base_weights = next(f for f in api.list_repo_tree(f"{repo}-base") if f.path.endswith(".safetensors"))
+    assert infos["expert_0/adapter_model.safetensors"].size < base_weights.size / 4
+    text = ModelCard.load(hf_hub_download(repo, "expert_0/README.md", cache_dir=tmp_path / "card")).text
+    assert f"(LoRA adapters on `{repo}-base`)" in text and "trainable" in text
+
+    loaded = ExpertMixtureUNet.from_pretrained(repo, cache_dir=tmp_path / "cache")
+    assert [type(e).__name__ for e in loaded.experts] == ["LoRAExpert", "LoRAExpert"]
+    assert loaded.experts[0].base_model is loaded.experts[1].base_model  # rebuilt on one shared base
+    assert loaded.experts[0].base_model is not base
+    _same_outputs(loaded, mixture)
+
+    # a LoRA expert in its own repo, referenced by a mixture
+    (source, _) = push_experts_to_hub(mixture, [f"{repo}-lora0", None])
+    assert sorted(api.list_repo_files(f"{repo}-lora0")) == [
+        ".gitattributes", "README.md", "adapter_model.safetensors", "config.json"
+    ]  # fmt: skip
+    assert source["repo_id"] == f"{repo}-lora0"
+    alone = LoRAExpert.from_pretrained(f"{repo}-lora0", cache_dir=tmp_path / "one")
+    with torch.no_grad():
+        torch.testing.assert_close(alone(X, T).sample, experts[0](X, T).sample)
+
+    # an adapter on a local base cannot be shared
+    base.save_pretrained(tmp_path / "local-base")
+    local = LoRAExpert.from_base(tiny_unet(0), tmp_path / "local-base", rank=2)
+    with pytest.raises(ValueError, match=r"Cannot push expert 0 to .*LoRA adapter on the local base model"):
+        ExpertMixtureUNet.from_experts([local]).push_to_hub(f"{repo}-local")

@@ -414,6 +414,20 @@ def _expert_sources_as(mixture, sources: list | None) -> Iterator[None]:
         mixture.register_to_config(expert_sources=previous)
 
 
+def _check_shareable(expert, k: int, repo_id: str) -> None:
+    """A pushed LoRA expert must name a base that others can load: a Hub repo id, not a local folder."""
+    config = getattr(expert, "config", {}) or {}
+    base = config.get("base_model_name_or_path")
+    if base is None:
+        return
+    if os.path.isabs(base) or base.startswith((".", "~")) or os.path.isdir(base) or base.count("/") > 1:
+        raise ValueError(
+            f"Cannot push expert {k} to {repo_id!r}: it is a LoRA adapter on the local base model {base!r}, which "
+            f"nobody pulling the repo can load. Push the base first (e.g. `base.push_to_hub('org/base')`) and build "
+            f"the expert on it by repo id (`LoRAExpert.from_base(base, 'org/base', ...)`)."
+        )
+
+
 def _local_files(folder: str) -> list[str]:
     """Repo paths (posix) of every file under `folder`."""
     files = []
@@ -545,6 +559,7 @@ def push_experts_to_hub(
     for k, repo_id in enumerate(repo_ids):
         if repo_id is not None:
             _check_repo_id(repo_id, f"repo_ids[{k}]")
+            _check_shareable(found.experts[k], k, repo_id)
     card_metadata = {**(metadata or {}), **({"repo_id": mixture_repo_id} if mixture_repo_id else {})}
     api = HfApi(token=token)
     sources: list[dict | None] = [None] * found.num_experts
@@ -632,6 +647,9 @@ def push_mixture_to_hub(
             check_expert_source(new, k) if new is not None else old
             for k, (new, old) in enumerate(zip(expert_sources, sources))
         ]
+    for k, expert in enumerate(mixture.experts):
+        if sources[k] is None:
+            _check_shareable(expert, k, repo_id)
     if metadata is not None and metadata.get("repo_id") not in (None, repo_id):
         raise ValueError(f"`metadata['repo_id']` is {metadata['repo_id']!r} but the push goes to {repo_id!r}.")
     card_metadata = {**(metadata or {}), "repo_id": repo_id}

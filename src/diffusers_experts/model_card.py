@@ -30,7 +30,9 @@ ARCHITECTURE_KEYS = (
     "high_ratios",
     "mid_high_ratio",
     "attention_head_dim",
-    "r",
+    "base_model_class",
+    "adapter_name",
+    "rank",
     "lora_alpha",
     "target_modules",
 )
@@ -101,6 +103,15 @@ def _format_value(value) -> str:
         return f"{value:.4g}"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
+    return str(value)
+
+
+def _format_config_value(value) -> str:
+    """A config value for the card; long lists (e.g. LoRA target modules) are summarised."""
+    if isinstance(value, (list, tuple)):
+        if len(value) > 8:
+            return f"{len(value)} entries: {list(value[:3])} ..."
+        return str(list(value))
     return str(value)
 
 
@@ -323,7 +334,7 @@ def expert_model_card(
         params=_format_count(total),
         trainable_params=_format_count(trainable) if trainable != total else None,
         macs=_format_count(int(entry["macs"])) if entry.get("macs") else None,
-        architecture=[(key, list(v) if isinstance(v, tuple) else v) for key, v in architecture],
+        architecture=[(key, _format_config_value(v)) for key, v in architecture],
         routing=config.routing,
         boundaries=_boundaries_text(config),
         training_steps=_format_value(entry["training_steps"]) if entry.get("training_steps") else None,
