@@ -39,7 +39,7 @@ def test_save_model_cards_writes_mixture_and_expert_cards(tmp_path):
         "datasets": ["ylecun/mnist"],
         "training_steps": 4000,
         "metrics": {"fid": 12.3456},
-        "hyperparameters": {"learning_rate": 1e-4},
+        "hyperparameters": {"learning_rate": 1e-4, "lora_rank": None, "expertization_probs": [0.8, 0.4]},
         "experts": [{"training_steps": 2500, "metrics": {"loss": 0.0412}, "macs": 3_000_000}, None],
     }
     written = save_model_cards(tmp_path, mixture, metadata)
@@ -57,6 +57,8 @@ def test_save_model_cards_writes_mixture_and_expert_cards(tmp_path):
     assert f"| 1 | [300, 1000) | `diffusers_experts.IUNet2DModel` | {n1:,}" in text
     assert "2,500" in text and "loss: 0.0412" in text and "| fid | 12.35 |" in text and "4,000" in text
     assert "mode: `linear`" in text and "[300]" in text
+    assert "- learning_rate: 0.0001" in text and "- expertization_probs: [0.8, 0.4]" in text
+    assert "lora_rank" not in text  # None = not used: left out
     assert 'ExpertMixtureUNet.from_pretrained("org/mnist-mixture")' in text
 
     expert0 = ModelCard.load(tmp_path / "expert_0" / "README.md")

@@ -101,6 +101,8 @@ def _check_metadata(metadata: Mapping | None, num_experts: int) -> dict:
 def _format_value(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_format_value(v) for v in value) + "]"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     return str(value)
@@ -124,7 +126,8 @@ def _format_count(n: int) -> str:
 
 
 def _format_metrics(metrics: Mapping | None) -> list[tuple[str, str]]:
-    return [(str(name), _format_value(value)) for name, value in (metrics or {}).items()]
+    """(name, formatted value) pairs; entries whose value is None (not measured / not used) are left out."""
+    return [(str(name), _format_value(value)) for name, value in (metrics or {}).items() if value is not None]
 
 
 def _parameter_counts(model: nn.Module) -> tuple[int, int]:
@@ -269,7 +272,7 @@ def mixture_model_card(model, metadata: Mapping | None = None):
         usage=usage,
         dataset=meta.get("dataset"),
         training_steps=_format_value(meta["training_steps"]) if meta.get("training_steps") else None,
-        hyperparameters=[(str(k), _format_value(v)) for k, v in (meta.get("hyperparameters") or {}).items()],
+        hyperparameters=_format_metrics(meta.get("hyperparameters")),
         metrics=_format_metrics(meta.get("metrics")),
     )
 
