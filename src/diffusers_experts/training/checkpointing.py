@@ -1,0 +1,85 @@
+"""Training checkpoints: atomic `checkpoint-<step>` folders written with accelerate's `save_state`, pruning, resume."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import torch
+
+
+CHECKPOINT_PREFIX = "checkpoint-"
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints in `output_dir` as `(step, path)`, oldest first (temporary folders are ignored)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT_NAME.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """Path of the newest complete checkpoint in `output_dir`, or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def checkpoint_step(path: str) -> int:
+    """The global step a checkpoint folder was written at (from its name `checkpoint-<step>`)."""
+    match = _CHECKPOINT_NAME.match(os.path.basename(os.path.normpath(path)))
+    if match is None:
+        raise ValueError(f"`--resume_from_checkpoint` {path!r} is not a `checkpoint-<step>` folder.")
+    return int(match.group(1))
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None = None) -> str:
+    """Save the full training state (models, optimizers, lr schedulers, registered objects such as EMA and RNG
+    generators, accelerate's RNG states) as `output_dir/checkpoint-<step>`, atomically.
+
+    Every process writes into the same temporary folder `.checkpoint-<step>.tmp`, all processes wait, then the main
+    process renames it to `checkpoint-<step>` (a single rename: a partial checkpoint is never listed) and removes the
+    oldest checkpoints beyond `total_limit`. Every process returns only once the checkpoint is in place.
+    """
+    final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
+    tmp = os.path.join(output_dir, f".{CHECKPOINT_PREFIX}{step}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp, safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.isdir(final):
+            aside = f"{final}.old"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(final, aside)
+            os.rename(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        if total_limit is not None:
+            for _, old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+class GeneratorState:
+    """A `torch.Generator` whose state is saved and restored with accelerate's checkpoints
+    (`accelerator.register_for_checkpointing(state)`), so noise, timesteps and label dropout resume exactly."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

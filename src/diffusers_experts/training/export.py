@@ -1,0 +1,64 @@
+"""Writing training outputs: a pipeline folder (`MultiExpertPipeline.from_pretrained`) with model cards, or the
+output of a single-expert run (to be assembled with the others' later)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ..saving import atomic_directory
+
+
+EXPERT_RUN_INFO = "expert_info.json"
+EXPERT_RUN_FOLDER = "expert"
+PIPELINE_ENTRIES = ("model_index.json", "unet", "scheduler", "vae", "README.md")
+
+
+def export_pipeline(output_dir: str, mixture, noise_scheduler, vae=None, metadata: dict | None = None):
+    """Save `MultiExpertPipeline(unet=mixture, scheduler=noise_scheduler, vae=vae)` into `output_dir` with a model card
+    for the mixture and one per expert (training `metadata`: steps, dataset, strategy, p_k, ...). The pipeline files
+    are swapped in atomically; other content of `output_dir` (checkpoints, logs, samples) is kept."""
+    from ..hub import save_model_cards
+    from ..pipelines import MultiExpertPipeline
+
+    pipe = MultiExpertPipeline(unet=mixture, scheduler=noise_scheduler, vae=vae)
+    with atomic_directory(output_dir, stale=PIPELINE_ENTRIES) as tmp:
+        pipe.save_pretrained(tmp)
+        save_model_cards(tmp, pipe, metadata)
+    return pipe
+
+
+def save_expert_run(output_dir: str, expert, info: dict, noise_scheduler) -> None:
+    """Output of a run that trained one expert (`--expert_index k`): `expert/` (its model folder), `scheduler/` and
+    `expert_info.json` (index, count, boundaries, T, routing, strategy, p_k, steps) for `--assemble`."""
+    with atomic_directory(output_dir, stale=(EXPERT_RUN_FOLDER, "scheduler", EXPERT_RUN_INFO)) as tmp:
+        expert.save_pretrained(os.path.join(tmp, EXPERT_RUN_FOLDER), safe_serialization=True)
+        noise_scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
+        with open(os.path.join(tmp, EXPERT_RUN_INFO), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2, sort_keys=True)
+
+
+def read_expert_runs(directories: list[str]) -> list[dict]:
+    """The `expert_info.json` of each single-expert run folder, checked to form one complete mixture; sorted by
+    expert index, each with its `path`."""
+    infos = []
+    for directory in directories:
+        path = os.path.join(directory, EXPERT_RUN_INFO)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"`--assemble` folder {directory!r} has no {EXPERT_RUN_INFO}: not an `--expert_index` run."
+            )
+        with open(path, encoding="utf-8") as f:
+            infos.append({**json.load(f), "path": directory})
+    first = infos[0]
+    for key in ("num_experts", "boundaries", "num_train_timesteps", "routing"):
+        values = [info[key] for info in infos]
+        if any(v != values[0] for v in values):
+            raise ValueError(f"`--assemble` runs disagree on `{key}`: {values!r} for {directories!r}.")
+    indices = sorted(info["expert_index"] for info in infos)
+    if indices != list(range(first["num_experts"])):
+        raise ValueError(
+            f"`--assemble` needs each of the {first['num_experts']} experts exactly once, got expert indices "
+            f"{[info['expert_index'] for info in infos]} from {directories!r}."
+        )
+    return sorted(infos, key=lambda info: info["expert_index"])

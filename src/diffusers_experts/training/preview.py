@@ -1,0 +1,84 @@
+"""Preview sampling during and after training: a grid of images from the mixture with a fast sampler."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+
+PREVIEW_SAMPLERS = ("ddim", "dpm")
+
+
+def preview_scheduler(noise_scheduler, sampler: str = "ddim"):
+    """A fast sampler (DDIM or DPM-Solver++) on the training noise schedule."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(noise_scheduler.config)
+    if sampler == "dpm":
+        return DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
+    raise ValueError(f"`--preview_sampler` must be one of {list(PREVIEW_SAMPLERS)}, got {sampler!r}.")
+
+
+@torch.no_grad()
+def sample_grid(
+    mixture,
+    noise_scheduler,
+    num_images: int,
+    num_inference_steps: int = 25,
+    sampler: str = "ddim",
+    num_classes: int | None = None,
+    guidance_scale: float = 1.0,
+    vae=None,
+    seed: int = 0,
+) -> np.ndarray:
+    """`num_images` images as a float array `(n, h, w, c)` in [0, 1], sampled with `MultiExpertPipeline`.
+
+    Class-conditional mixtures get labels `0, 1, ..., num_classes - 1, 0, 1, ...` (so a grid with `num_classes`
+    columns shows one class per column) and classifier-free guidance with `guidance_scale`.
+    """
+    from ..pipelines import MultiExpertPipeline
+
+    was_training = mixture.training
+    mixture.eval()
+    pipe = MultiExpertPipeline(unet=mixture, scheduler=preview_scheduler(noise_scheduler, sampler), vae=vae)
+    pipe.set_progress_bar_config(disable=True)
+    labels = None
+    if num_classes is not None:
+        labels = [i % num_classes for i in range(num_images)]
+    generator = torch.Generator().manual_seed(seed)
+    images = pipe(
+        batch_size=num_images,
+        num_inference_steps=num_inference_steps,
+        generator=generator,
+        class_labels=labels,
+        guidance_scale=guidance_scale if num_classes else 1.0,
+        output_type="np",
+    ).images
+    mixture.train(was_training)
+    return images
+
+
+def save_image_grid(images: np.ndarray, path: str, columns: int | None = None, scale: int = 1) -> str:
+    """Tile `(n, h, w, c)` images in [0, 1] into one PNG at `path` (written atomically); returns `path`."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = np.zeros((rows * h, columns * w, c), dtype=np.float32)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = image
+    array = (grid.clip(0, 1) * 255).round().astype(np.uint8)
+    picture = Image.fromarray(array[..., 0] if c == 1 else array, mode="L" if c == 1 else "RGB")
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.png"
+    picture.save(tmp)
+    os.replace(tmp, path)
+    return path
