@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .hub import load_expert, push_experts_to_hub, push_mixture_to_hub, save_model_cards
 from .models import (
     ExpertMixtureUNet,
     IFormerBlock,
@@ -24,11 +25,15 @@ __all__ = [
     "IUNet2DModel",
     "LoRAExpert",
     "default_expertization_probs",
+    "load_expert",
     "meme_expert_config",
     "meme_high_ratios",
     "MultiExpertPipeline",
+    "push_experts_to_hub",
+    "push_mixture_to_hub",
     "register_expert_class",
     "resolve_expert_class",
+    "save_model_cards",
     "timestep_from_sigma",
     "timestep_from_snr",
 ]
