@@ -148,6 +148,7 @@ def test_per_expert_repos_assembled_into_a_mixture(repo, tmp_path):
         routing="sigmoid",
     )  # fmt: skip
     _same_outputs(assembled, mixture)
+    assert assembled.config.expert_sources == sources  # references normalised to repo_id / revision / subfolder
     assembled.save_pretrained(tmp_path / "assembled")
     assert sorted(os.listdir(tmp_path / "assembled")) == ["config.json"]
     _same_outputs(ExpertMixtureUNet.from_pretrained(tmp_path / "assembled", cache_dir=tmp_path), mixture)

@@ -268,7 +268,7 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
     @staticmethod
     def _load_experts(experts: Sequence, expert_sources: Sequence | None) -> tuple[list, list]:
         """(expert models, per-expert reference or None) for `from_experts`: loads paths, repo ids and references."""
-        from ..hub import load_referenced_expert
+        from ..hub import check_expert_source, load_referenced_expert
 
         if expert_sources is not None and any(isinstance(e, Mapping) for e in experts):
             raise ValueError(
@@ -278,7 +278,7 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
         for k, expert in enumerate(experts):
             reference = None
             if isinstance(expert, Mapping):
-                reference = dict(expert)
+                reference = check_expert_source(expert, k)
                 expert = load_referenced_expert(reference, k, mixture_config=fit_config)
             elif isinstance(expert, (str, os.PathLike)) and not os.path.isdir(os.fspath(expert)):
                 expert = load_referenced_expert({"repo_id": os.fspath(expert)}, k, mixture_config=fit_config)
