@@ -62,17 +62,17 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", default="benchmarks/quality-out")
     parser.add_argument("--quick", action="store_true", help="Tiny settings for a smoke test (seconds).")
     parser.add_argument("--models", default=",".join(MODELS), help=f"Comma-separated subset of {list(MODELS)}.")
-    parser.add_argument("--steps", type=int, default=None, help="Optimizer steps per model (default 600; quick 4).")
+    parser.add_argument("--steps", type=int, default=None, help="Optimizer steps per model (default 300; quick 4).")
     parser.add_argument("--batch-size", type=int, default=None, help="Training batch (default 32; quick 8).")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--width", type=int, default=None, help="Base channels of the single models (16; quick 8).")
+    parser.add_argument("--width", type=int, default=None, help="Base channels of the single models (8; quick 8).")
     parser.add_argument("--image-size", type=int, default=None, help="32 (28x28 digits padded); quick: 16.")
-    parser.add_argument("--num-samples", type=int, default=None, help="Generated images per model (500; quick 12).")
+    parser.add_argument("--num-samples", type=int, default=None, help="Generated images per model (400; quick 12).")
     parser.add_argument("--num-reference", type=int, default=None, help="Held-out real digits (1000; quick 40).")
     parser.add_argument("--inference-steps", type=int, default=None, help="DDIM steps (20; quick 3).")
     parser.add_argument("--sample-batch-size", type=int, default=250)
     parser.add_argument(
-        "--classifier-steps", type=int, default=None, help="Feature extractor training (400; quick 5)."
+        "--classifier-steps", type=int, default=None, help="Feature extractor training (250; quick 5)."
     )
     parser.add_argument(
         "--fourier-images", type=int, default=None, help="Images for the Fourier analysis (64; quick 4)."
@@ -83,14 +83,14 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = dict(
-        steps=(4, 600),
+        steps=(4, 300),
         batch_size=(8, 32),
-        width=(8, 16),
+        width=(8, 8),
         image_size=(16, 32),
-        num_samples=(12, 500),
+        num_samples=(12, 400),
         num_reference=(40, 1000),
         inference_steps=(3, 20),
-        classifier_steps=(5, 400),
+        classifier_steps=(5, 250),
         fourier_images=(4, 64),
     )
     for name, (quick_value, full_value) in defaults.items():

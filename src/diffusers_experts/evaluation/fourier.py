@@ -212,8 +212,9 @@ def fourier_analysis(
     if bad:
         raise ValueError(f"`timesteps` must lie in [0, {num_train}), got {bad}.")
     layers = list(default_fourier_layers(model) if layers is None else layers)
-    param = next(model.parameters())
-    images = images.to(param.device, param.dtype)
+    param = next(model.parameters(), None)
+    if param is not None:
+        images = images.to(param.device, param.dtype)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn(images.shape, generator=generator).to(images.device, images.dtype)
 
