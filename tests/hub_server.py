@@ -400,6 +400,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def do_DELETE(self):
         self._dispatch("DELETE")
 
+    def do_PATCH(self):
+        self._dispatch("PATCH")
+
     # ---------------------------------------------------------------- routing
     def _route(self, method: str, s: list[str]) -> None:
         storage = self.server.storage

@@ -270,6 +270,8 @@ def test_pipeline_round_trip(repo, tmp_path):
     expected = pipeline(generator=torch.Generator().manual_seed(0), **run).images
     got = loaded(generator=torch.Generator().manual_seed(0), **run).images
     assert abs(got - expected).max() < 1e-5
+    unet = ExpertMixtureUNet.from_pretrained(repo, subfolder="unet", cache_dir=cache)
+    _same_outputs(unet, mixture)
 
     # experts referenced from their own repos; older pipeline revision still loads
     sources = push_experts_to_hub(mixture, [f"{repo}-e0", f"{repo}-e1"], mixture_repo_id=repo)

@@ -138,3 +138,10 @@ def test_failed_commit_changes_nothing(hub_server):
     assert hub_server.fail_commits == 0
     assert api.model_info("proto/fail").sha == kept.oid
     assert open(hf_hub_download("proto/fail", "a.txt")).read() == "kept"
+    # a commit made against an outdated parent is refused (what one-commit pushes rely on)
+    newer = api.upload_file(path_or_fileobj=b"newer", path_in_repo="a.txt", repo_id="proto/fail")
+    with pytest.raises(HfHubHTTPError, match="412"):
+        api.create_commit(
+            "proto/fail", [CommitOperationAdd("c.txt", b"c")], commit_message="x", parent_commit=kept.oid
+        )
+    assert api.model_info("proto/fail").sha == newer.oid
