@@ -76,7 +76,41 @@ def routing_overhead(args) -> None:
     one, four = summary["one expert"], summary["4-expert mixture"]
     print(f"time ratio mixture / one expert, median wall: {four[0] / one[0]:.3f}  (target <= 1.03)")
     print(f"time ratio mixture / one expert, min wall:    {four[1] / one[1]:.3f}")
-    print(f"time ratio mixture / one expert, median CPU:  {four[2] / one[2]:.3f}  (robust to other load on the machine)")
+    print(
+        f"time ratio mixture / one expert, median CPU:  {four[2] / one[2]:.3f}  (robust to other load on the machine)"
+    )
+
+
+def per_call_overhead(args, calls: int = 300) -> None:
+    """Routing cost per denoiser call, isolated: a tiny expert called directly vs through the mixture."""
+    torch.manual_seed(0)
+    small = dict(
+        sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=4, layers_per_block=1
+    )
+    experts = [IUNet2DModel(**small).eval() for _ in range(4)]
+    variants = {
+        "expert alone": experts[0],
+        "mixture, hard, scalar t": ExpertMixtureUNet.from_experts(experts, routing="hard").eval(),
+        "mixture, linear blend (2 experts run)": ExpertMixtureUNet.from_experts(
+            experts, routing="linear", blend_width=100.0
+        ).eval(),
+    }
+    x = torch.randn(1, 3, 8, 8)
+    t = {"expert alone": 100, "mixture, hard, scalar t": 100, "mixture, linear blend (2 experts run)": 250}
+    cpu = {name: [] for name in variants}
+    with torch.no_grad():
+        for _ in range(5):
+            for name, model in variants.items():
+                start = time.process_time()
+                for _ in range(calls):
+                    model(x, t[name])
+                cpu[name].append((time.process_time() - start) / calls * 1e6)
+    print("\n## Per-call cost, tiny 8x8 expert (CPU microseconds per call, min of 5 x %d calls)" % calls)
+    print("| variant | us / call | overhead vs expert alone |")
+    print("|---|---|---|")
+    base = min(cpu["expert alone"])
+    for name, values in cpu.items():
+        print(f"| {name} | {min(values):.0f} | {min(values) - base:+.0f} us |")
 
 
 def complexity(args) -> None:
@@ -109,6 +143,7 @@ def complexity(args) -> None:
 
 def main(args):
     torch.set_num_threads(args.threads)
+    per_call_overhead(args)
     routing_overhead(args)
     complexity(args)
 

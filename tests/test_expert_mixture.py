@@ -58,6 +58,19 @@ def test_hard_routing_calls_the_owner_of_each_timestep():
             assert torch.equal(out, mixture.experts[owner](x, t).sample)
 
 
+def test_scalar_fast_path_agrees_with_tensor_routing_near_boundaries():
+    mixture = tiny_mixture(3)  # boundaries 333.33.., 666.66..
+    for b in mixture.config.boundaries:
+        near = torch.tensor([b - 1e-3, b - 1e-5, b, b + 1e-5, b + 1e-3], dtype=torch.float32)
+        near = torch.cat([near, near.double(), torch.tensor([round(b) - 1.0, round(b) + 0.0])])
+        for t in near:
+            expected = int(mixture.expert_weights(t.reshape(1)).argmax())
+            assert mixture._hard_owner(t) == expected, (float(t), t.dtype)
+            assert mixture._hard_owner(t.item()) == expected
+    assert mixture._hard_owner(torch.tensor([1, 2])) is None
+    assert tiny_mixture(2, routing="linear")._hard_owner(5) is None
+
+
 def test_mixed_batch_runs_each_expert_on_its_own_samples_only():
     mixture = tiny_mixture(3)
     counter = CallCounter(mixture)

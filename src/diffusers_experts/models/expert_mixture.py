@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import importlib
 import json
 import os
@@ -334,9 +335,15 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
         return self._boundary_cache[key]
 
     def _routing_timesteps(self, timestep, batch_size: int | None) -> torch.Tensor:
-        """Timesteps as a float `(1,)` or `(B,)` tensor, on the timestep's own device (CPU for Python numbers)."""
+        """Timesteps as a float64 `(1,)` or `(B,)` tensor, on the timestep's device (CPU for Python numbers).
+
+        Routing decisions are made in float64, so a timestep compares with the config's boundaries exactly as
+        Python floats do (the fast path of `forward` uses `bisect` on them).
+        """
         t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
-        t = t.float() if t.dtype != torch.float64 else t
+        if t.device.type == "mps":  # routing runs in float64, which MPS lacks
+            t = t.cpu()
+        t = t.double()
         if t.ndim > 1:
             raise ValueError(f"`timestep` must be a scalar or a 1-D tensor, got shape {tuple(t.shape)}.")
         t = t.reshape(-1)
@@ -365,7 +372,7 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
                 cfg.num_train_timesteps,
                 cfg.blend_width or float(cfg.num_train_timesteps),
                 cfg.sharpness,
-            )
+            ).float()
         if cfg.weight_threshold > 0 and cfg.routing != "hard":
             weights = torch.where(weights < cfg.weight_threshold, torch.zeros_like(weights), weights)
             weights = weights / weights.sum(dim=1, keepdim=True)
@@ -410,6 +417,18 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
         )
 
     # ------------------------------------------------------------------ forward
+
+    def _hard_owner(self, timestep) -> int | None:
+        """Expert owning a single CPU/Python timestep under hard routing (`b_k <= t < b_{k+1}`), else None."""
+        if self.config.routing != "hard":
+            return None
+        if torch.is_tensor(timestep):
+            if timestep.numel() != 1 or timestep.device.type != "cpu" or timestep.ndim > 1:
+                return None
+            timestep = timestep.item()
+        elif not isinstance(timestep, (int, float)):
+            return None
+        return bisect.bisect_right(self.config.boundaries, float(timestep))
 
     def _check_weights(self, weights: torch.Tensor, batch_size: int) -> torch.Tensor:
         if not torch.is_tensor(weights) or tuple(weights.shape) != (batch_size, self.num_experts):
@@ -463,6 +482,9 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
         """
         batch_size = sample.shape[0]
         self._check_class_labels(class_labels)
+        owner = self._hard_owner(timestep) if expert_weights is None else None
+        if owner is not None:  # hard routing of one shared timestep: no tensor work at all
+            return self.experts[owner](sample, timestep, class_labels=class_labels, return_dict=return_dict)
         if expert_weights is None:
             weights = self.expert_weights(timestep, batch_size)
         else:
