@@ -105,7 +105,7 @@ def per_call_overhead(args, calls: int = 300) -> None:
                 for _ in range(calls):
                     model(x, t[name])
                 cpu[name].append((time.process_time() - start) / calls * 1e6)
-    print("\n## Per-call cost, tiny 8x8 expert (CPU microseconds per call, min of 5 x %d calls)" % calls)
+    print(f"\n## Per-call cost, tiny 8x8 expert (CPU microseconds per call, min of 5 x {calls} calls)")
     print("| variant | us / call | overhead vs expert alone |")
     print("|---|---|---|")
     base = min(cpu["expert alone"])
