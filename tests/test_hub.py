@@ -259,7 +259,7 @@ def test_pipeline_round_trip(repo, tmp_path):
     assert {"model_index.json", "README.md", "scheduler/scheduler_config.json", "unet/config.json",
             "unet/expert_0/README.md", "unet/expert_1/diffusion_pytorch_model.safetensors"} <= files  # fmt: skip
     card = ModelCard.load(hf_hub_download(repo, "README.md", cache_dir=tmp_path / "card"))
-    assert card.data.library_name == "diffusers-experts" and "`unet/`" in card.text
+    assert card.data.library_name == "diffusers-experts" and "`unet/`" in card.text and "`unet/expert_1/`" in card.text
     assert f'MultiExpertPipeline.from_pretrained("{repo}")' in card.text
 
     cache = tmp_path / "cache"
@@ -305,7 +305,7 @@ def test_lora_experts_push_only_adapters(repo, tmp_path):
     base_weights = next(f for f in api.list_repo_tree(f"{repo}-base") if f.path.endswith(".safetensors"))
     assert infos["expert_0/adapter_model.safetensors"].size < base_weights.size / 4
     text = ModelCard.load(hf_hub_download(repo, "expert_0/README.md", cache_dir=tmp_path / "card")).text
-    assert f"(LoRA adapters on `{repo}-base`)" in text and "trainable" in text
+    assert f"(LoRA adapters on `{repo}-base`)" in text and "of which LoRA adapter" in text
 
     loaded = ExpertMixtureUNet.from_pretrained(repo, cache_dir=tmp_path / "cache")
     assert [type(e).__name__ for e in loaded.experts] == ["LoRAExpert", "LoRAExpert"]

@@ -130,10 +130,17 @@ def _format_metrics(metrics: Mapping | None) -> list[tuple[str, str]]:
     return [(str(name), _format_value(value)) for name, value in (metrics or {}).items() if value is not None]
 
 
-def _parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(all parameters, trainable parameters) of `model`."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+def _parameter_counts(model: nn.Module) -> tuple[int, int | None]:
+    """(parameters of `model`, parameters of its own LoRA adapter or None).
+
+    A LoRA expert counts its base (without the LoRA layers of experts sharing that base) plus its own adapter.
+    """
+    adapter_parameters = getattr(model, "adapter_parameters", None)
+    if callable(adapter_parameters) and hasattr(model, "base_model"):
+        adapter = sum(p.numel() for p in adapter_parameters())
+        base = sum(p.numel() for name, p in model.base_model.named_parameters() if "lora_" not in name)
+        return base + adapter, adapter
+    return sum(p.numel() for p in model.parameters()), None
 
 
 def _expert_class_names(mixture) -> list[str]:
@@ -147,12 +154,17 @@ def _hub_link(repo_id: str, subfolder: str | None = None) -> str:
     return f"[{repo_id}]({url})"
 
 
-def _expert_rows(mixture, metadata: dict) -> list[dict]:
+def _join_folder(*parts: str | None) -> str:
+    return "/".join(p for p in parts if p)
+
+
+def _expert_rows(mixture, metadata: dict, subfolder: str | None = None) -> list[dict]:
     """One row per expert for the mixture card."""
     sources = mixture.config.expert_sources or [None] * mixture.num_experts
     per_expert = metadata.get("experts") or [None] * mixture.num_experts
     rows = []
     for k, ((start, end), class_name) in enumerate(zip(mixture.expert_intervals, _expert_class_names(mixture))):
+        folder = f"`{_join_folder(subfolder, f'expert_{k}')}/`"
         entry = per_expert[k] or {}
         source = sources[k]
         if source is not None:
@@ -160,9 +172,9 @@ def _expert_rows(mixture, metadata: dict) -> list[dict]:
             if source.get("revision"):
                 location += f" @ `{source['revision']}`"
         elif entry.get("repo_id"):
-            location = f"`expert_{k}/` (also {_hub_link(entry['repo_id'])})"
+            location = f"{folder} (also {_hub_link(entry['repo_id'])})"
         else:
-            location = f"`expert_{k}/`"
+            location = folder
         total, _ = _parameter_counts(mixture.experts[k])
         rows.append(
             dict(
@@ -264,7 +276,7 @@ def mixture_model_card(model, metadata: Mapping | None = None):
         sample_size=config.sample_size,
         in_channels=config.in_channels,
         num_class_embeds=config.num_class_embeds,
-        experts=_expert_rows(mixture, meta),
+        experts=_expert_rows(mixture, meta, subfolder),
         routing=config.routing,
         routing_details=_routing_details(config),
         num_train_timesteps=config.num_train_timesteps,
@@ -305,7 +317,7 @@ def expert_model_card(
     base_model = entry.get("base_model") or expert_config.get("base_model_name_or_path")
     repo_id = meta.get("repo_id")
     mixture_link = _hub_link(repo_id) if repo_id else "the mixture in the parent folder"
-    total, trainable = _parameter_counts(expert)
+    total, adapter = _parameter_counts(expert)
     card_data = ModelCardData(
         library_name=_library_name([class_name]),
         tags=[*BASE_TAGS, *(meta.get("tags") or [])],
@@ -335,7 +347,7 @@ def expert_model_card(
         num_train_timesteps=config.num_train_timesteps,
         base_model=base_model,
         params=_format_count(total),
-        trainable_params=_format_count(trainable) if trainable != total else None,
+        adapter_params=_format_count(adapter) if adapter is not None else None,
         macs=_format_count(int(entry["macs"])) if entry.get("macs") else None,
         architecture=[(key, _format_config_value(v)) for key, v in architecture],
         routing=config.routing,
