@@ -27,8 +27,10 @@ from .model_card import _find_mixture, expert_model_card, mixture_model_card, sa
 
 
 __all__ = [
+    "check_expert_source",
     "expert_model_card",
     "load_expert",
+    "load_referenced_expert",
     "mixture_model_card",
     "push_experts_to_hub",
     "push_mixture_to_hub",
