@@ -34,7 +34,6 @@ mixture and each expert. `--max_train_steps` counts optimizer steps *per expert*
 """
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -43,9 +42,8 @@ import shutil
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
@@ -59,20 +57,19 @@ from diffusers_experts.training import (
     LatentCache,
     apply_class_dropout,
     build_experts,
-    check_label_column,
+    build_lora_experts,
+    build_training_dataset,
+    collate,
     enable_gradient_checkpointing,
     encode_latents,
     export_pipeline,
-    latest_checkpoint,
-    load_image_dataset,
     load_vae,
-    make_image_transform,
+    make_accelerator,
     prediction_target,
-    resolve_image_column,
-    sample_grid,
+    resume,
     save_checkpoint,
     save_expert_run,
-    save_image_grid,
+    save_preview,
     trainable_parameters,
 )
 from diffusers_experts.training.arguments import (
@@ -82,9 +79,7 @@ from diffusers_experts.training.arguments import (
     add_output_arguments,
     check_common_arguments,
 )
-from diffusers_experts.training.checkpointing import checkpoint_step
-from diffusers_experts.training.data import collate
-from diffusers_experts.training.experts import build_lora_experts, downsampling_factor, load_model_config
+from diffusers_experts.training.experts import downsampling_factor, load_model_config
 from diffusers_experts.training.export import read_expert_runs
 from diffusers_experts.training.latents import vae_downsampling_factor
 
@@ -216,47 +211,6 @@ def check_args(args):
 # ---------------------------------------------------------------------------------------------------- set-up
 
 
-def make_accelerator(args):
-    kwargs = []
-    if args.lora_rank is not None:
-        # LoRA experts share one base module holding every adapter: the inactive adapters get no gradient
-        kwargs.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    return Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        kwargs_handlers=kwargs,
-    )
-
-
-def make_dataset(args, vae):
-    """The training dataset (images, or cached latent distributions) and the number of image channels."""
-    dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
-    image_column = resolve_image_column(dataset, args.image_column)
-    if args.num_classes is not None:
-        check_label_column(dataset, args.label_column, args.num_classes)
-    if args.max_train_samples is not None:
-        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
-    builtin = args.dataset_name is None and args.train_data_dir is None
-    num_channels = args.num_channels or (1 if builtin else 3)
-    transform = make_image_transform(
-        image_column,
-        args.resolution,
-        num_channels,
-        center_crop=args.center_crop,
-        random_flip=args.random_flip,
-        label_column=args.label_column if args.num_classes is not None else None,
-    )
-    dataset = dataset.with_transform(transform)
-    if args.cache_latents:
-        dataset = LatentCache(vae, dataset, batch_size=args.train_batch_size)
-    return dataset, num_channels
-
-
 def make_mixture(args, sample_size: int, in_channels: int):
     """The mixture whose experts this run trains (fresh experts, or LoRA adapters on the base)."""
     if args.lora_rank is not None:
@@ -343,7 +297,7 @@ def assemble(args):
 def main(args):
     if args.assemble is not None:
         return assemble(args)
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(args, find_unused_parameters=args.lora_rank is not None)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if args.seed is not None:
         set_seed(args.seed)
@@ -354,7 +308,7 @@ def main(args):
 
     # 1. data (and the VAE of latent training)
     vae = load_vae(args.vae, args.vae_subfolder).to(accelerator.device) if args.vae else None
-    dataset, num_channels = make_dataset(args, vae)
+    dataset, num_channels = build_training_dataset(args, vae)
     if vae is not None:
         factor = vae_downsampling_factor(vae)
         if args.resolution % factor:
@@ -441,19 +395,7 @@ def main(args):
         accelerator.init_trackers("train_meme", config={k: str(v) for k, v in vars(args).items()})
 
     # 4. resume
-    global_step = 0
-    if args.resume_from_checkpoint is not None:
-        path = args.resume_from_checkpoint
-        if path == "latest":
-            path = latest_checkpoint(args.output_dir)
-            if path is None:
-                accelerator.print(f"no checkpoint in {args.output_dir!r} yet: starting a new run")
-        elif not os.path.isdir(path):
-            raise ValueError(f"`--resume_from_checkpoint` {path!r} is not a checkpoint folder.")
-        if path is not None:
-            accelerator.load_state(path)
-            global_step = checkpoint_step(path)
-            accelerator.print(f"resumed from {path} at step {global_step}")
+    global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
 
     # 5. train
     probs = args.expertization_probs
@@ -509,7 +451,8 @@ def main(args):
         if global_step % args.checkpointing_steps == 0 or global_step == total_steps:
             save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
         if args.save_images_steps and global_step % args.save_images_steps == 0 and args.expert_index is None:
-            preview(args, accelerator, mixture, ema, noise_scheduler, vae, f"step-{global_step}.png")
+            if accelerator.is_main_process:
+                save_preview(args, mixture, noise_scheduler, f"step-{global_step}.png", ema, vae, accelerator.device)
     progress.close()
 
     # 6. export (averaged weights), final preview
@@ -536,7 +479,7 @@ def main(args):
             print(f"saved expert {args.expert_index} to {args.output_dir}")
         else:
             pipe = export_pipeline(args.output_dir, mixture, noise_scheduler, vae, metadata)
-            grid = preview(args, accelerator, mixture, None, noise_scheduler, vae, "final.png")
+            grid = save_preview(args, mixture, noise_scheduler, "final.png", None, vae, accelerator.device)
             print(f"saved the pipeline to {args.output_dir}")
             print(f"sample grid: {grid}")
             if args.push_to_hub:
@@ -575,31 +518,6 @@ def training_loss(args, mixture, model, k, batch, noise_scheduler, vae, generato
     prediction = model(noisy, timesteps, class_labels=labels).sample
     target = prediction_target(noise_scheduler, clean, noise, timesteps, args.prediction_type)
     return F.mse_loss(prediction.float(), target.float())
-
-
-def preview(args, accelerator, mixture, ema, noise_scheduler, vae, name: str):
-    """Save a grid of samples (with the EMA weights when kept) under `output_dir/samples/`."""
-    if not accelerator.is_main_process:
-        return None
-    device = accelerator.device
-    with torch.no_grad():
-        context = ema.averaged() if ema is not None else contextlib.nullcontext()
-        with context:
-            mixture.to(device)
-            images = sample_grid(
-                mixture,
-                noise_scheduler,
-                args.num_preview_images,
-                args.preview_inference_steps,
-                args.preview_sampler,
-                num_classes=args.num_classes,
-                guidance_scale=args.guidance_scale,
-                vae=vae,
-                seed=args.seed,
-            )
-    columns = args.num_classes if args.num_classes and args.num_preview_images % args.num_classes == 0 else None
-    scale = max(1, 64 // images.shape[1])
-    return save_image_grid(images, os.path.join(args.output_dir, "samples", name), columns=columns, scale=scale)
 
 
 if __name__ == "__main__":

@@ -162,7 +162,9 @@ class LoRAExpert(ModelMixin, ConfigMixin):
             raise ValueError("`target_modules` is empty: the base model has no nn.Linear / nn.Conv2d to adapt.")
         self.register_to_config(target_modules=targets, lora_alpha=float(lora_alpha or rank))
 
-        base_model.requires_grad_(False)
+        for name, parameter in base_model.named_parameters():
+            if "lora_" not in name:  # freeze the base, not the adapters other experts already hold
+                parameter.requires_grad_(False)
         lora_config = LoraConfig(
             r=rank, lora_alpha=float(lora_alpha or rank), lora_dropout=lora_dropout, target_modules=targets
         )

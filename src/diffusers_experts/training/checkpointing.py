@@ -71,6 +71,25 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     return final
 
 
+def resume(accelerator, output_dir: str, resume_from_checkpoint: str | None) -> int:
+    """Restore the training state from `resume_from_checkpoint` (`"latest"` or a `checkpoint-<step>` folder) and
+    return the global step to continue from (0 for a new run; `"latest"` with no checkpoint yet starts a new run)."""
+    if resume_from_checkpoint is None:
+        return 0
+    path = resume_from_checkpoint
+    if path == "latest":
+        path = latest_checkpoint(output_dir)
+        if path is None:
+            accelerator.print(f"no checkpoint in {output_dir!r} yet: starting a new run")
+            return 0
+    elif not os.path.isdir(path):
+        raise ValueError(f"`--resume_from_checkpoint` {path!r} is not a checkpoint folder.")
+    step = checkpoint_step(path)
+    accelerator.load_state(path)
+    accelerator.print(f"resumed from {path} at step {step}")
+    return step
+
+
 class GeneratorState:
     """A `torch.Generator` whose state is saved and restored with accelerate's checkpoints
     (`accelerator.register_for_checkpointing(state)`), so noise, timesteps and label dropout resume exactly."""

@@ -144,6 +144,33 @@ def collate(examples: list[dict]) -> dict:
     return batch
 
 
+def build_training_dataset(args, vae=None):
+    """The training dataset of a script's data arguments: images in [-1, 1] (`pixel_values`, plus `class_labels`
+    with `--num_classes`), or cached latent distributions with `--cache_latents`. Returns it with the image channels."""
+    dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
+    image_column = resolve_image_column(dataset, args.image_column)
+    if args.num_classes is not None:
+        check_label_column(dataset, args.label_column, args.num_classes)
+    if args.max_train_samples is not None:
+        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    builtin = args.dataset_name is None and args.train_data_dir is None
+    num_channels = args.num_channels or (1 if builtin else 3)
+    transform = make_image_transform(
+        image_column,
+        args.resolution,
+        num_channels,
+        center_crop=args.center_crop,
+        random_flip=args.random_flip,
+        label_column=args.label_column if args.num_classes is not None else None,
+    )
+    dataset = dataset.with_transform(transform)
+    if getattr(args, "cache_latents", False):
+        from .latents import LatentCache
+
+        dataset = LatentCache(vae, dataset, batch_size=args.train_batch_size)
+    return dataset, num_channels
+
+
 class BatchStream:
     """An endless stream of batches from an (accelerate-prepared) dataloader, resumable at any batch.
 

@@ -62,6 +62,30 @@ def sample_grid(
     return images
 
 
+def save_preview(args, mixture, noise_scheduler, name: str, ema=None, vae=None, device=None) -> str:
+    """Sample `args.num_preview_images` with the scripts' preview arguments (EMA weights when `ema` is given) and
+    save the grid as `output_dir/samples/<name>`; class-conditional grids show one class per column."""
+    import contextlib
+
+    with torch.no_grad(), ema.averaged() if ema is not None else contextlib.nullcontext():
+        if device is not None:
+            mixture.to(device)
+        images = sample_grid(
+            mixture,
+            noise_scheduler,
+            args.num_preview_images,
+            args.preview_inference_steps,
+            args.preview_sampler,
+            num_classes=args.num_classes,
+            guidance_scale=args.guidance_scale,
+            vae=vae,
+            seed=args.seed,
+        )
+    columns = args.num_classes if args.num_classes and args.num_preview_images % args.num_classes == 0 else None
+    scale = max(1, 64 // images.shape[1])
+    return save_image_grid(images, os.path.join(args.output_dir, "samples", name), columns=columns, scale=scale)
+
+
 def save_image_grid(images: np.ndarray, path: str, columns: int | None = None, scale: int = 1) -> str:
     """Tile `(n, h, w, c)` images in [0, 1] into one PNG at `path` (written atomically); returns `path`."""
     from PIL import Image

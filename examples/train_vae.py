@@ -1,0 +1,213 @@
+"""Train a small diffusers `AutoencoderKL` for latent experts, offline (reconstruction + KL, no perceptual loss).
+
+Pretrained VAEs cannot be downloaded everywhere; this trains one on the same data so latent experts can be trained
+and shown offline (`examples/train_meme.py --vae OUT`). Users with internet pass any Hub VAE to `--vae` instead.
+At the end the latents' standard deviation is measured and stored as `scaling_factor` in the VAE config, so scaled
+latents have unit variance, as latent diffusion expects.
+
+    python examples/train_vae.py --output_dir out/vae                                  # built-in MNIST, 1 CPU
+    accelerate launch --multi_gpu --num_processes 4 examples/train_vae.py --dataset_name <dataset> \\
+        --resolution 64 --num_channels 3 --output_dir out/vae
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from diffusers import AutoencoderKL
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from diffusers_experts.saving import atomic_directory
+from diffusers_experts.training import (
+    BatchStream,
+    GeneratorState,
+    build_training_dataset,
+    collate,
+    make_accelerator,
+    resume,
+    save_checkpoint,
+)
+from diffusers_experts.training.arguments import add_data_arguments, add_optimization_arguments, check_common_arguments
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("autoencoder")
+    group.add_argument(
+        "--block_out_channels",
+        type=int,
+        nargs="+",
+        default=[32, 64],
+        help="Channels per stage; the latents are 2 ** (stages - 1) times smaller.",
+    )
+    group.add_argument("--layers_per_block", type=int, default=1)
+    group.add_argument("--latent_channels", type=int, default=4)
+    group.add_argument("--norm_num_groups", type=int, default=16)
+    group.add_argument("--kl_weight", type=float, default=1e-6, help="Weight of the KL term (0 = plain autoencoder).")
+    add_data_arguments(parser)
+    add_optimization_arguments(parser)
+    group = parser.add_argument_group("output")
+    group.add_argument("--output_dir", type=str, default="vae-model")
+    group.add_argument("--overwrite_output_dir", action="store_true")
+    group.add_argument("--checkpointing_steps", type=int, default=500)
+    group.add_argument("--checkpoints_total_limit", type=int, default=None)
+    group.add_argument("--resume_from_checkpoint", type=str, default=None)
+    group.add_argument("--logging_dir", type=str, default="logs")
+    group.add_argument("--report_to", type=str, default="tensorboard")
+    args = parser.parse_args(argv)
+    args.num_classes = None
+    args.num_preview_images = args.preview_inference_steps = args.num_train_timesteps = 1
+    args.save_images_steps, args.push_to_hub = None, False
+    try:
+        check_common_arguments(args)
+        if args.kl_weight < 0:
+            raise ValueError(f"`--kl_weight` must be >= 0, got {args.kl_weight!r}.")
+        if any(c % args.norm_num_groups for c in args.block_out_channels):
+            raise ValueError(
+                f"`--block_out_channels` {args.block_out_channels} must be divisible by `--norm_num_groups` "
+                f"{args.norm_num_groups}."
+            )
+        factor = 2 ** (len(args.block_out_channels) - 1)
+        if args.resolution % factor:
+            raise ValueError(f"`--resolution` {args.resolution} must be divisible by the downsampling {factor}.")
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def make_vae(args, num_channels: int) -> AutoencoderKL:
+    stages = len(args.block_out_channels)
+    return AutoencoderKL(
+        in_channels=num_channels,
+        out_channels=num_channels,
+        down_block_types=("DownEncoderBlock2D",) * stages,
+        up_block_types=("UpDecoderBlock2D",) * stages,
+        block_out_channels=tuple(args.block_out_channels),
+        layers_per_block=args.layers_per_block,
+        latent_channels=args.latent_channels,
+        norm_num_groups=args.norm_num_groups,
+        sample_size=args.resolution,
+    )
+
+
+class VAEObjective(torch.nn.Module):
+    """Encode, sample the posterior with the given noise, decode: returns (reconstruction, mean KL to N(0, I))."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor):
+        dist = self.vae.encode(images).latent_dist
+        latents = dist.mean + dist.std * noise.to(dist.mean.dtype)
+        return self.vae.decode(latents).sample, dist.kl().mean()
+
+
+@torch.no_grad()
+def latent_std(vae, dataloader, device, max_batches: int = 20) -> float:
+    """Standard deviation of the (unscaled) latents over some training batches."""
+    values = []
+    for i, batch in enumerate(dataloader):
+        if i == max_batches:
+            break
+        values.append(vae.encode(batch["pixel_values"].to(device)).latent_dist.mean.flatten().cpu())
+    return float(torch.cat(values).std())
+
+
+def main(args):
+    accelerator = make_accelerator(args)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir and args.resume_from_checkpoint is None and os.path.isdir(args.output_dir):
+            shutil.rmtree(args.output_dir)
+        os.makedirs(args.output_dir, exist_ok=True)
+    dataset, num_channels = build_training_dataset(args)
+    dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        drop_last=True,
+        num_workers=args.dataloader_num_workers,
+    )
+    vae = make_vae(args, num_channels)
+    optimizer = torch.optim.AdamW(
+        vae.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    total_steps = args.max_train_steps or args.num_epochs * max(steps_per_epoch, 1)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes,
+    )
+    # the objective runs in one forward, so DDP synchronises the gradients of encoder and decoder
+    model, optimizer, lr_scheduler, dataloader = accelerator.prepare(
+        VAEObjective(vae), optimizer, lr_scheduler, dataloader
+    )
+    latent_size = [args.resolution // 2 ** (len(args.block_out_channels) - 1)] * 2
+    rng = GeneratorState(args.seed * 1000 + accelerator.process_index)
+    accelerator.register_for_checkpointing(rng)
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("train_vae", config={k: str(v) for k, v in vars(args).items()})
+
+    global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
+    stream = iter(BatchStream(dataloader, start_batch=global_step * args.gradient_accumulation_steps))
+    progress = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process)
+    log_path = os.path.join(args.output_dir, "train_log.jsonl")
+    while global_step < total_steps:
+        model.train()
+        logs = {"loss": 0.0, "reconstruction": 0.0, "kl": 0.0}
+        for _ in range(args.gradient_accumulation_steps):
+            batch = next(stream)
+            with accelerator.accumulate(model):
+                images = batch["pixel_values"].to(accelerator.device)
+                noise = torch.randn((images.shape[0], args.latent_channels, *latent_size), generator=rng.generator)
+                reconstruction, kl = model(images, noise.to(images.device))
+                rec = F.mse_loss(reconstruction.float(), images.float())
+                kl = kl / images[0].numel()  # per pixel, like the reconstruction term
+                loss = rec + args.kl_weight * kl
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for name, value in (("loss", loss), ("reconstruction", rec), ("kl", kl)):
+                logs[name] += accelerator.gather(value.detach()).mean().item() / args.gradient_accumulation_steps
+        global_step += 1
+        progress.update(1)
+        progress.set_postfix(rec=f"{logs['reconstruction']:.4f}")
+        accelerator.log(logs, step=global_step)
+        if accelerator.is_main_process:
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": global_step, **logs}) + "\n")
+        if global_step % args.checkpointing_steps == 0 or global_step == total_steps:
+            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        vae = accelerator.unwrap_model(model).vae.eval()
+        std = latent_std(vae, dataloader, accelerator.device)
+        vae.register_to_config(scaling_factor=1.0 / max(std, 1e-6))
+        with atomic_directory(args.output_dir, stale=("vae",)) as tmp:
+            vae.save_pretrained(os.path.join(tmp, "vae"), safe_serialization=True)
+        print(f"saved the VAE to {os.path.join(args.output_dir, 'vae')} (latent std {std:.4f})")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
