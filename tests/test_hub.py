@@ -113,6 +113,13 @@ def test_push_to_branch_and_pull_request(repo):
     pr = push_mixture_to_hub(tiny_mixture(2, seed=6), repo, create_pr=True)
     assert pr.pr_url is not None and api.model_info(repo).sha == main.oid
     assert [p.ref for p in api.list_repo_refs(repo, include_pull_requests=True).pull_requests] == ["refs/pr/1"]
+    # a mixture pushed into a subfolder: only that folder is written / cleaned
+    inner = tiny_mixture(2, seed=8)
+    push_mixture_to_hub(tiny_mixture(3), repo, subfolder="unet")
+    push_mixture_to_hub(inner, repo, subfolder="unet")
+    files = set(api.list_repo_files(repo))
+    assert "unet/expert_2/config.json" not in files and {"unet/README.md", "expert_1/config.json"} <= files
+    _same_outputs(ExpertMixtureUNet.from_pretrained(repo, subfolder="unet"), inner)
 
 
 def test_per_expert_repos_assembled_into_a_mixture(repo, tmp_path):
