@@ -291,16 +291,16 @@ def write_json(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def fourier_outputs(name, model, kind, images, plots_dir, fourier_store, log):
+def fourier_outputs(name, model, kind, images, timesteps, plots_dir, fourier_store, log):
     """Fig. 3 for single models (per timestep), Fig. 6 for expert mixtures (per expert), as PNG + numbers."""
     from diffusers_experts.evaluation import fourier_analysis, plot_fourier, plot_fourier_experts
 
     if kind == "single":
-        analysis = fourier_analysis(model, images, FOURIER_TIMESTEPS)
+        analysis = fourier_analysis(model, images, timesteps)
         fourier_store[name] = analysis.to_dict()
         plot_fourier(analysis, os.path.join(plots_dir, f"fourier_{name}.png"), title=f"{name}: per timestep")
     elif kind in ("hard", "soft") or name.startswith("blend-"):
-        analyses = {f"expert {k}": fourier_analysis(e, images, FOURIER_TIMESTEPS) for k, e in enumerate(model.experts)}
+        analyses = {f"expert {k}": fourier_analysis(e, images, timesteps) for k, e in enumerate(model.experts)}
         fourier_store[name] = {label: a.to_dict() for label, a in analyses.items()}
         plot_fourier_experts(
             analyses, os.path.join(plots_dir, f"fourier_experts_{name}.png"), title=f"{name}: per expert"
@@ -402,7 +402,8 @@ def main(args) -> dict:
         if name == "blend-learned":
             row["learned_routing_logits"] = model.routing_logits.detach().cpu().tolist()
         save_image_grid(images[:64], os.path.join(plots_dir, f"samples_{name}.png"))
-        fourier_outputs(name, model, kind, fourier_images, plots_dir, payload["fourier"], log)
+        fourier_timesteps = (100, 900) if args.quick else FOURIER_TIMESTEPS
+        fourier_outputs(name, model, kind, fourier_images, fourier_timesteps, plots_dir, payload["fourier"], log)
         payload["rows"].append(row)
         write_json(results_path, payload)
         log(

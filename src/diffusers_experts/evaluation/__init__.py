@@ -20,6 +20,7 @@ from .fourier import (
     relative_log_amplitude,
 )
 from .metrics import INCEPTION_WEIGHTS_URL, ImageTensorDataset, compute_metrics, read_image_folder, to_uint8_images
+from .mnist import mnist_digits
 from .plots import (
     attention_shares,
     plot_attention_shares,
@@ -47,6 +48,7 @@ __all__ = [
     "fourier_analysis",
     "measure_macs",
     "mixture_macs_per_call",
+    "mnist_digits",
     "mixture_macs_schedule",
     "plot_attention_shares",
     "plot_fourier",

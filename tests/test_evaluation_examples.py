@@ -1,0 +1,101 @@
+"""examples/evaluate.py, examples/analyze_frequency.py and benchmarks/quality.py --quick, run in-process."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_mixture
+from diffusers_experts.evaluation import ReferenceClassifier
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(relative: str):
+    spec = importlib.util.spec_from_file_location(Path(relative).stem, ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A saved tiny mixture (3 x 16 x 16), a folder of 12 real-looking images and a saved tiny classifier."""
+    root = tmp_path_factory.mktemp("evaluation-examples")
+    tiny_mixture(2, routing="linear").save_pretrained(root / "mixture")
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    (root / "real").mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / "real" / f"{i:02d}.png")
+    labels = torch.arange(12) % 2
+    classifier = ReferenceClassifier.fit(
+        images, labels, steps=2, batch_size=12, block_out_channels=(8,), feature_dim=8, sample_size=16
+    )
+    classifier.save_pretrained(root / "classifier")
+    return root
+
+
+def test_evaluate_generates_and_scores_a_saved_mixture(saved, tmp_path, capsys):
+    evaluate = _load("examples/evaluate.py")
+    args = evaluate.parse_args(
+        [
+            "--model", str(saved / "mixture"), "--num_images", "6", "--batch_size", "3", "--steps", "2",
+            "--reference", str(saved / "real"), "--metrics", "fid", "kid", "--kid_subset_size", "5",
+            "--classifier_dir", str(saved / "classifier"), "--out", str(tmp_path), "--device", "cpu",
+        ]
+    )  # fmt: skip
+    result = evaluate.main(args)
+    assert sorted(os.listdir(tmp_path / "samples")) == [f"{i:06d}.png" for i in range(6)]
+    saved_result = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved_result["fid"] == pytest.approx(result["fid"]) and result["fid"] > 0
+    assert result["num_samples"] == 6 and result["num_reference"] == 12
+    assert result["params"] > 0 and result["macs_per_step"] > 0
+    assert "fid" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_to_train_a_classifier_without_labels(saved, tmp_path):
+    evaluate = _load("examples/evaluate.py")
+    args = evaluate.parse_args(
+        ["--samples", str(saved / "real"), "--reference", str(saved / "real"), "--classifier_dir", str(tmp_path / "c")]
+    )
+    with pytest.raises(ValueError, match="no labels"):
+        evaluate.main(args)
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--samples", "x", "--reference", "y", "--extractor", "inception"])  # no weights file
+
+
+def test_analyze_frequency_on_a_saved_mixture(saved, tmp_path):
+    analyze = _load("examples/analyze_frequency.py")
+    args = analyze.parse_args(
+        [
+            "--model", str(saved / "mixture"), "--images", str(saved / "real"), "--num_images", "4",
+            "--timesteps", "100", "900", "--out", str(tmp_path), "--device", "cpu",
+        ]
+    )  # fmt: skip
+    result = analyze.main(args)
+    assert set(result["experts"]) == {"expert 0", "expert 1"}
+    assert json.loads((tmp_path / "fourier.json").read_text())["timesteps"] == [100, 900]
+    for name in ("fourier_experts.png", "fourier_expert_0.png", "fourier_expert_1.png", "routing.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_quality_benchmark_quick(tmp_path):
+    quality = _load("benchmarks/quality.py")
+    args = quality.parse_args(["--quick", "--output-dir", str(tmp_path), "--models", "unet,meme-soft"])
+    payload = quality.main(args)
+    assert [row["model"] for row in payload["rows"]] == ["real data", "unet", "meme-soft"]
+    rows = {row["model"]: row for row in payload["rows"]}
+    assert rows["unet"]["macs_per_step"] > 2 * rows["meme-soft"]["macs_per_step"]  # small experts
+    for row in payload["rows"][1:]:
+        assert row["params"] > 0 and row["fid"] >= 0 and 0 <= row["precision"] <= 1
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][-1]["model"] == "meme-soft"
+    assert "| meme-soft |" in (tmp_path / "table.md").read_text()
+    plots = set(os.listdir(tmp_path / "plots"))
+    assert {"routing_meme-soft.png", "attention_share_meme-soft.png", "fourier_unet.png"} <= plots
+    assert {"fourier_experts_meme-soft.png", "samples_unet.png", "samples_meme-soft.png"} <= plots
