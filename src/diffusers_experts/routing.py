@@ -146,7 +146,8 @@ def _ramps_to_weights(ramps: torch.Tensor) -> torch.Tensor:
 
 
 def hard_weights(timesteps: torch.Tensor, boundaries: torch.Tensor, num_experts: int) -> torch.Tensor:
-    return torch.nn.functional.one_hot(expert_index(timesteps, boundaries), num_experts).to(timesteps.dtype)
+    index = expert_index(timesteps, boundaries)
+    return timesteps.new_zeros(timesteps.shape[0], num_experts).scatter_(1, index[:, None], 1.0)
 
 
 def linear_weights(timesteps: torch.Tensor, boundaries: torch.Tensor, blend_width: float) -> torch.Tensor:
