@@ -18,7 +18,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
 
-from ..models.expert_mixture import ExpertMixtureUNet
+from ..models.expert_mixture import ExpertMixtureUNet, _sample_of
 from ..schedulers.scheduling_blended import BlendedScheduler
 from .expert_offload import ExpertOffloader
 
@@ -363,7 +363,7 @@ class MultiExpertPipeline(DiffusionPipeline):
 
         # 2. latents: fresh noise scaled to the first noise level, or handed-over latents used as they are
         shape = self._sample_shape(batch_size)
-        dtype = self.unet.dtype
+        dtype = next(self.unet.experts[0].parameters()).dtype
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
             latents = latents * scheduler.init_noise_sigma
@@ -383,9 +383,11 @@ class MultiExpertPipeline(DiffusionPipeline):
         if "generator" in accepted:
             step_kwargs["generator"] = generator
         steps = [(begin + i, t) for i, t in enumerate(scheduler.timesteps[begin:end])]
-        return SimpleNamespace(
+        run = SimpleNamespace(
             latents=latents, scheduler=scheduler, steps=steps, labels=labels, scales=scales, step_kwargs=step_kwargs
         )
+        run.plan = self._routing_plan(run)
+        return run
 
     # ------------------------------------------------------------------ denoising
 
@@ -395,44 +397,56 @@ class MultiExpertPipeline(DiffusionPipeline):
             return scheduler.routing_timestep(timestep, step_index=step_index)
         return torch.as_tensor(timestep).float()
 
-    def _step_weights(self, run: SimpleNamespace, position: int) -> torch.Tensor:
-        """Routing weights `(1, N)` of step `position` of a run (the same for every image: one shared timestep)."""
-        step_index, t = run.steps[position]
-        routing_t = self._routing_timestep(run.scheduler, t, step_index)
-        return self.unet.expert_weights(routing_t.reshape(1), batch_size=1).detach()
+    def _routing_plan(self, run: SimpleNamespace) -> list[SimpleNamespace]:
+        """Per step of a run, computed once: routing weights `(1, N)`, active experts, guidance (on or off, scale)."""
+        if not run.steps:
+            return []
+        routing_t = torch.stack(
+            [self._routing_timestep(run.scheduler, t, index).reshape(()) for index, t in run.steps]
+        ).float()
+        all_weights = self.unet.expert_weights(routing_t.cpu(), batch_size=len(run.steps)).detach()
+        plan = []
+        for weights in all_weights.to(run.latents.device):
+            active = torch.nonzero(weights > 0).flatten().tolist()
+            guided = bool((run.scales[active] != 1).any())
+            # a blend guides with the routing-weighted mean of the active experts' scales
+            scale = float((weights.cpu() * run.scales).sum())
+            single = len(active) == 1 and float(weights[active[0]]) == 1.0
+            plan.append(
+                SimpleNamespace(weights=weights[None], active=active, guided=guided, scale=scale, single=single)
+            )
+        return plan
 
     def expert_schedule(self, run: SimpleNamespace) -> list[list[int]]:
         """Active experts (non-zero weight) of every step of a prepared run."""
-        return [torch.nonzero(self._step_weights(run, i)[0] > 0).flatten().tolist() for i in range(len(run.steps))]
+        return [step.active for step in run.plan]
 
     def _denoise(self, run: SimpleNamespace, positions: range, progress_bar, callback_on_step_end, callback_inputs):
         """Denoise `run` over its steps `positions`: route, (guide), step."""
         unet, scheduler = self.unet, run.scheduler
         latents = run.latents
-        batch_size = latents.shape[0]
         for position in positions:
             step_index, t = run.steps[position]
-            weights = self._step_weights(run, position)
-            active = torch.nonzero(weights[0] > 0).flatten().tolist()
+            route = run.plan[position]
             if self.expert_offload is not None:
-                self.expert_offload.activate(active)
+                self.expert_offload.activate(route.active)
 
             # classifier-free guidance when an active expert has a scale != 1: uncond and cond in one batch
-            guided = bool((run.scales[active] != 1).any())
+            guided = route.guided
             model_input = torch.cat([latents, latents]) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
             labels = run.labels
             if guided:
                 null = torch.full_like(labels, unet.config.num_class_embeds - 1)
                 labels = torch.cat([null, labels])
-            noise_pred = unet(
-                model_input, t, class_labels=labels, expert_weights=weights.expand(model_input.shape[0], -1)
-            ).sample
+            if route.single:  # hard routing: the one owning expert, called as the mixture would call it
+                noise_pred = _sample_of(unet.experts[route.active[0]](model_input, t, class_labels=labels))
+            else:
+                weights = route.weights.expand(model_input.shape[0], -1)
+                noise_pred = unet(model_input, t, class_labels=labels, expert_weights=weights).sample
             if guided:
-                # a blend guides with the routing-weighted mean of the active experts' scales
-                scale = float((weights[0].cpu() * run.scales).sum())
                 noise_uncond, noise_cond = noise_pred.chunk(2)
-                noise_pred = noise_uncond + scale * (noise_cond - noise_uncond)
+                noise_pred = noise_uncond + route.scale * (noise_cond - noise_uncond)
 
             latents = scheduler.step(noise_pred, t, latents, **run.step_kwargs).prev_sample
 
@@ -441,10 +455,9 @@ class MultiExpertPipeline(DiffusionPipeline):
                 values = {name: available[name] for name in callback_inputs}
                 outputs = callback_on_step_end(self, step_index, t, values) or {}
                 latents = outputs.pop("latents", latents)
-            progress_bar.set_postfix_str(f"expert {'+'.join(str(k) for k in active)}", refresh=False)
+            progress_bar.set_postfix_str(f"expert {'+'.join(str(k) for k in route.active)}", refresh=False)
             progress_bar.update()
         run.latents = latents
-        assert latents.shape[0] == batch_size
 
     def _decode(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":

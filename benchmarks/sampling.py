@@ -1,0 +1,157 @@
+"""Sampling benchmark: routing overhead of MultiExpertPipeline, expert loads of bulk generation, offload memory.
+
+    OMP_NUM_THREADS=2 python benchmarks/sampling.py
+    python benchmarks/sampling.py --device cuda --sample_size 64 --batch_size 16
+
+Prints, from one run:
+1. time ratio of `MultiExpertPipeline` (4 hard-routed experts) vs diffusers' `DDIMPipeline` with one expert of the
+   same size (same scheduler, steps, batch; interleaved repeats, median);
+2. expert loads (moves onto the device) of expert-major `generate_many` (= N) vs a loop of `__call__` (= N x batches);
+3. peak accelerator memory with and without per-expert offload (CUDA), or on CPU the peak of expert parameters
+   resident on the execution device (the offloader's bookkeeping).
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+
+from diffusers_experts import ExpertMixtureUNet, MultiExpertPipeline
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num_experts", type=int, default=4)
+    parser.add_argument("--sample_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--bulk_images", type=int, default=12)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args()
+
+
+def make_expert(seed: int, sample_size: int) -> UNet2DModel:
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=sample_size,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=16,
+    ).eval()
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def main(args):
+    device = torch.device(args.device)
+    experts = [make_expert(k, args.sample_size) for k in range(args.num_experts)]
+    mixture = ExpertMixtureUNet.from_experts(experts, routing="hard").to(device)
+    pipe = MultiExpertPipeline(unet=mixture, scheduler=DDIMScheduler())
+    reference = DDIMPipeline(unet=make_expert(0, args.sample_size).to(device), scheduler=DDIMScheduler())
+    for p in (pipe, reference):
+        p.set_progress_bar_config(disable=True)
+    print(
+        f"device={device} threads={torch.get_num_threads()} experts={args.num_experts} "
+        f"expert_params={sum(p.numel() for p in experts[0].parameters()) / 1e6:.2f}M "
+        f"sample={args.sample_size} batch={args.batch_size} steps={args.steps}"
+    )
+
+    # 1. routing overhead: same work (one expert call per step), interleaved repeats, median
+    def run(p):
+        return lambda: p(
+            args.batch_size, num_inference_steps=args.steps, generator=torch.manual_seed(0), output_type="pt"
+        )
+
+    run(pipe)()
+    run(reference)()
+    ours, theirs, ours_cpu, theirs_cpu = [], [], [], []
+    for r in range(args.repeats):  # interleaved, alternating which goes first, so load changes hit both alike
+        order = [(pipe, ours, ours_cpu), (reference, theirs, theirs_cpu)]
+        for p, wall, cpu in order if r % 2 == 0 else order[::-1]:
+            start_cpu = time.process_time()
+            wall.append(timed(run(p), device))
+            cpu.append(time.process_time() - start_cpu)
+    ratio = statistics.median(ours) / statistics.median(theirs)
+    ratio_min = min(ours) / min(theirs)
+    ratio_cpu = statistics.median(ours_cpu) / statistics.median(theirs_cpu)
+    print(
+        f"[time] MultiExpertPipeline {statistics.median(ours):.3f}s  DDIMPipeline {statistics.median(theirs):.3f}s "
+        f"(median wall of {args.repeats})  ratio(median)={ratio:.3f}  ratio(min)={ratio_min:.3f}  "
+        f"ratio(process CPU time)={ratio_cpu:.3f}  (target <= 1.03)"
+    )
+
+    # 2. expert loads: expert-major generate_many vs batch-major loop of __call__
+    offload = pipe.enable_expert_offload(device)
+    bulk = pipe.generate_many(
+        args.bulk_images, batch_size=args.batch_size, seed=0, num_inference_steps=args.steps, output_type="latent"
+    )
+    num_batches = -(-args.bulk_images // args.batch_size)
+    offload.reset_counts()
+    for b in range(num_batches):
+        indices = range(b * args.batch_size, min((b + 1) * args.batch_size, args.bulk_images))
+        gens = [torch.Generator().manual_seed(i) for i in indices]
+        pipe(len(indices), num_inference_steps=args.steps, generator=gens, output_type="latent")
+    print(
+        f"[loads] generate_many: {sum(bulk.expert_loads)} {bulk.expert_loads}  batch-major loop: "
+        f"{sum(offload.load_counts)} {offload.load_counts}  ({args.num_experts} experts x {num_batches} batches)"
+    )
+    pipe.disable_expert_offload()
+
+    # 3. peak memory with and without offload
+    if device.type == "cuda":
+        peaks = {}
+        for mode in ("no offload", "offload"):
+            if mode == "offload":
+                pipe.enable_expert_offload(device)
+            else:
+                pipe.unet.to(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            run(pipe)()
+            peaks[mode] = torch.cuda.max_memory_allocated(device) / 2**20
+            pipe.disable_expert_offload()
+        print(
+            f"[memory] peak CUDA allocated: no offload {peaks['no offload']:.1f} MiB, offload {peaks['offload']:.1f} MiB"
+        )
+    else:
+        offload = pipe.enable_expert_offload("cpu")
+        peak = 0
+        originals = []
+        for expert in pipe.unet.experts:
+            original = expert.forward
+            originals.append(original)
+
+            def forward(*a, _original=original, **kw):
+                nonlocal peak
+                peak = max(peak, sum(parameter_bytes(pipe.unet.experts[k]) for k in offload.resident))
+                return _original(*a, **kw)
+
+            expert.forward = forward
+        run(pipe)()
+        total = parameter_bytes(pipe.unet)
+        print(
+            f"[memory] expert parameters resident on the execution device (CPU bookkeeping): no offload "
+            f"{total / 2**20:.2f} MiB, offload peak {peak / 2**20:.2f} MiB"
+        )
+
+
+if __name__ == "__main__":
+    main(parse_args())
