@@ -58,6 +58,13 @@ def test_config_round_trips(tmp_path):
         assert loaded.base.config.beta_schedule == "scaled_linear"
         assert loaded.config.steps_per_expert == [2, 3] and loaded.config.routing_source == "sigma"
     # boundaries are never stored in the scheduler config (the mixture owns them)
+    # the diffusers way to swap schedulers wraps the scheduler another config describes
+    base.save_config(tmp_path / "dpm")
+    wrapped = BlendedScheduler.from_config(BlendedScheduler.load_config(tmp_path / "dpm"), align_to_boundaries=True)
+    assert isinstance(wrapped.base, DPMSolverMultistepScheduler) and wrapped.base.config.solver_order == 3
+    assert wrapped.config.align_to_boundaries
+    with pytest.raises(ValueError, match="`config` describes another scheduler"):
+        BlendedScheduler.from_config(EulerDiscreteScheduler().config)  # no class name in it: nothing is guessed
     saved = json.loads((tmp_path / "scheduler_config.json").read_text())
     assert "boundaries" not in saved and "boundaries" not in saved["base_scheduler_config"]
 

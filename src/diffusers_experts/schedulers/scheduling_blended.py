@@ -185,6 +185,28 @@ class BlendedScheduler(SchedulerMixin, ConfigMixin):
         return cls(base_scheduler_class=type(scheduler).__name__, base_scheduler_config=config, **options)
 
     @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        r"""
+        Build from a BlendedScheduler config, or wrap the scheduler that another scheduler config names in its
+        `_class_name` (a loaded or saved `scheduler_config.json`), e.g.
+        `BlendedScheduler.from_config(DDPMScheduler.load_config(path), steps_per_expert=[...])`.
+        """
+        values = dict(config or {})
+        class_name = values.get("_class_name")
+        if class_name is not None and class_name != cls.__name__:
+            base = resolve_base_scheduler_class(class_name).from_config(values)
+            wrapped = cls.from_scheduler(base, **kwargs)
+            return (wrapped, {}) if return_unused_kwargs else wrapped
+        own = set(inspect.signature(cls.__init__).parameters)
+        foreign = sorted(k for k in values if not k.startswith("_") and k not in own)
+        if values and "base_scheduler_class" not in values and foreign:
+            raise ValueError(
+                f"`config` describes another scheduler (keys {foreign[:4]}...) without its class name: wrap the "
+                f"scheduler itself with `BlendedScheduler.from_scheduler(scheduler)`."
+            )
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
     def _get_compatibles(cls) -> list[type]:
         """BlendedScheduler itself and every diffusers scheduler it can wrap (diffusers' version looks in diffusers)."""
         import diffusers
