@@ -159,17 +159,18 @@ def make_mixture(args, sample_size: int, in_channels: int) -> ExpertMixtureUNet:
 
 
 def main(args):
-    # blended routing may give an expert zero weight on a whole batch: DDP must allow unused parameters
+    # 1. data and the mixture: every check on them runs before training starts
+    set_seed(args.seed)
+    dataset, num_channels = build_training_dataset(args)
+    mixture = make_mixture(args, args.resolution, num_channels)
+
+    # 2. accelerate (blended routing may give an expert zero weight on a whole batch: DDP must allow that)
     accelerator = make_accelerator(args, find_unused_parameters=True)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    set_seed(args.seed)
     if accelerator.is_main_process:
         if args.overwrite_output_dir and args.resume_from_checkpoint is None and os.path.isdir(args.output_dir):
             shutil.rmtree(args.output_dir)
         os.makedirs(args.output_dir, exist_ok=True)
-
-    # 1. data
-    dataset, num_channels = build_training_dataset(args)
     dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,
@@ -179,8 +180,7 @@ def main(args):
         drop_last=True,
     )
 
-    # 2. the mixture, one optimizer with the routing parameters in their own group
-    mixture = make_mixture(args, args.resolution, num_channels)
+    # 3. one optimizer, the routing parameters in their own group
     if args.gradient_checkpointing:
         mixture.enable_gradient_checkpointing()
     noise_scheduler = DDPMScheduler(
@@ -222,7 +222,7 @@ def main(args):
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("train_blended", config={k: str(v) for k, v in vars(args).items()})
 
-    # 3. resume, train
+    # 4. resume, train
     global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
     stream = iter(BatchStream(dataloader, start_batch=global_step * args.gradient_accumulation_steps))
     log_path = os.path.join(args.output_dir, "train_log.jsonl")
@@ -280,7 +280,7 @@ def main(args):
             save_preview(args, mixture, noise_scheduler, f"step-{global_step}.png", ema, None, device)
     progress.close()
 
-    # 4. export
+    # 5. export
     accelerator.wait_for_everyone()
     if ema is not None:
         ema.copy_to_experts()

@@ -231,6 +231,21 @@ def make_mixture(args, sample_size: int, in_channels: int):
     )
 
 
+def check_lora_base(args, mixture, sample_size: int, in_channels: int) -> None:
+    """The LoRA base must take the data's samples and have the requested conditioning."""
+    if (mixture.config.in_channels, mixture.config.sample_size) != (in_channels, sample_size):
+        raise ValueError(
+            f"`--base_model` takes {mixture.config.in_channels}x{mixture.config.sample_size}^2 samples but the data "
+            f"gives {in_channels}x{sample_size}^2: match `--resolution` and `--num_channels` to the base."
+        )
+    base_classes = None if mixture.config.num_class_embeds is None else mixture.config.num_class_embeds - 1
+    if base_classes != args.num_classes:
+        raise ValueError(
+            f"`--num_classes` {args.num_classes} does not match `--base_model`, which has num_class_embeds="
+            f"{mixture.config.num_class_embeds} (num_classes + 1 for the null class, or None)."
+        )
+
+
 def training_metadata(args, mixture, steps_per_expert: int, dataset_size: int) -> dict:
     probs = None
     if args.strategy == "soft":
@@ -297,18 +312,10 @@ def assemble(args):
 def main(args):
     if args.assemble is not None:
         return assemble(args)
-    accelerator = make_accelerator(args, find_unused_parameters=args.lora_rank is not None)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if args.seed is not None:
-        set_seed(args.seed)
-    if accelerator.is_main_process:
-        if args.overwrite_output_dir and args.resume_from_checkpoint is None and os.path.isdir(args.output_dir):
-            shutil.rmtree(args.output_dir)
-        os.makedirs(args.output_dir, exist_ok=True)
-
-    # 1. data (and the VAE of latent training)
-    vae = load_vae(args.vae, args.vae_subfolder).to(accelerator.device) if args.vae else None
-    dataset, num_channels = build_training_dataset(args, vae)
+    # 1. data, the VAE of latent training, the mixture: every check on them runs before training starts
+    set_seed(args.seed)
+    dataset, num_channels = build_training_dataset(args)
+    vae = load_vae(args.vae, args.vae_subfolder) if args.vae else None
     if vae is not None:
         factor = vae_downsampling_factor(vae)
         if args.resolution % factor:
@@ -316,6 +323,21 @@ def main(args):
         sample_size, in_channels = args.resolution // factor, vae.config.latent_channels
     else:
         sample_size, in_channels = args.resolution, num_channels
+    mixture = make_mixture(args, sample_size, in_channels)
+    if args.lora_rank is not None:
+        check_lora_base(args, mixture, sample_size, in_channels)
+
+    # 2. accelerate, the data loader
+    accelerator = make_accelerator(args, find_unused_parameters=args.lora_rank is not None)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir and args.resume_from_checkpoint is None and os.path.isdir(args.output_dir):
+            shutil.rmtree(args.output_dir)
+        os.makedirs(args.output_dir, exist_ok=True)
+    if vae is not None:
+        vae.to(accelerator.device)
+        if args.cache_latents:
+            dataset = LatentCache(vae, dataset, batch_size=args.train_batch_size)
     dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,
@@ -325,23 +347,7 @@ def main(args):
         drop_last=True,
     )
 
-    # 2. the mixture and the experts this run trains
-    mixture = make_mixture(args, sample_size, in_channels)
-    if args.lora_rank is not None and (mixture.config.in_channels, mixture.config.sample_size) != (
-        in_channels,
-        sample_size,
-    ):
-        raise ValueError(
-            f"`--base_model` takes {mixture.config.in_channels}x{mixture.config.sample_size}^2 samples but the data "
-            f"gives {in_channels}x{sample_size}^2: match `--resolution` and `--num_channels` to the base."
-        )
-    if args.lora_rank is not None:
-        base_classes = None if mixture.config.num_class_embeds is None else mixture.config.num_class_embeds - 1
-        if base_classes != args.num_classes:
-            raise ValueError(
-                f"`--num_classes` {args.num_classes} does not match `--base_model`, which has num_class_embeds="
-                f"{mixture.config.num_class_embeds} (num_classes + 1 for the null class, or None)."
-            )
+    # 3. the experts this run trains
     order = [args.expert_index] if args.expert_index is not None else list(range(mixture.num_experts))
     experts = [mixture.experts[k] for k in order]
     if args.gradient_checkpointing:
@@ -357,7 +363,7 @@ def main(args):
     steps_per_expert = args.max_train_steps or args.num_epochs * max(steps_per_epoch, 1)
     total_steps = steps_per_expert * len(order)
 
-    # 3. optimizers, lr schedules, EMA: one per trained expert
+    # 4. optimizers, lr schedules, EMA: one per trained expert
     optimizers = [
         torch.optim.AdamW(
             trainable_parameters(expert),
@@ -394,10 +400,10 @@ def main(args):
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("train_meme", config={k: str(v) for k, v in vars(args).items()})
 
-    # 4. resume
+    # 5. resume
     global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
 
-    # 5. train
+    # 6. train
     probs = args.expertization_probs
     null_class = args.num_classes  # the last class embedding, see make_mixture
     stream = iter(BatchStream(dataloader, start_batch=global_step * batches_per_step))
@@ -455,7 +461,7 @@ def main(args):
                 save_preview(args, mixture, noise_scheduler, f"step-{global_step}.png", ema, vae, accelerator.device)
     progress.close()
 
-    # 6. export (averaged weights), final preview
+    # 7. export (averaged weights), final preview
     accelerator.wait_for_everyone()
     if ema is not None:
         ema.copy_to_experts()

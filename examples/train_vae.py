@@ -121,13 +121,13 @@ def latent_std(vae, dataloader, device, max_batches: int = 20) -> float:
 
 
 def main(args):
-    accelerator = make_accelerator(args)
     set_seed(args.seed)
+    dataset, num_channels = build_training_dataset(args)
+    accelerator = make_accelerator(args)
     if accelerator.is_main_process:
         if args.overwrite_output_dir and args.resume_from_checkpoint is None and os.path.isdir(args.output_dir):
             shutil.rmtree(args.output_dir)
         os.makedirs(args.output_dir, exist_ok=True)
-    dataset, num_channels = build_training_dataset(args)
     dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,
