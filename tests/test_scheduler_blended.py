@@ -92,6 +92,17 @@ def test_steps_per_expert_and_heun_alignment(mixture):
     assert aligned_timesteps([500.0], 1000, [2, 2]) == [999, 749, 499, 249]
 
 
+def test_karras_alignment_spaces_sigmas_inside_each_expert(mixture):
+    base = EulerDiscreteScheduler(use_karras_sigmas=True)
+    scheduler = BlendedScheduler.from_scheduler(base, steps_per_expert=[2, 2, 3, 3])
+    scheduler.set_timesteps(10, mixture=mixture)
+    routed = [float(scheduler.routing_timestep(t, step_index=i)) for i, t in enumerate(scheduler.timesteps)]
+    assert [owner(mixture.config.boundaries, t) for t in routed] == [3, 3, 3, 2, 2, 2, 1, 1, 0, 0]
+    # each expert's last step lands on the next expert's top timestep
+    assert [round(t) for t in routed if t in (999.0, 749.0, 499.0, 249.0)] == [999, 749, 499, 249]
+    assert float(scheduler.sigmas[-1]) == 0.0 and torch.all(scheduler.sigmas[:-1] > scheduler.sigmas[1:])
+
+
 def test_routing_timestep_is_the_exact_noise_level_of_the_call(mixture):
     base = DPMSolverMultistepScheduler(use_karras_sigmas=True)
     scheduler = BlendedScheduler.from_scheduler(base)
@@ -129,7 +140,7 @@ def test_bad_input(mixture):
         with pytest.raises(ValueError, match="cannot take a custom schedule"):
             BlendedScheduler.from_scheduler(base, align_to_boundaries=True).set_timesteps(8, mixture=mixture)
     with pytest.raises(ValueError, match="refused the boundary-aligned schedule"):
-        karras = EulerDiscreteScheduler(use_karras_sigmas=True)
+        karras = DPMSolverMultistepScheduler(use_karras_sigmas=True)
         BlendedScheduler.from_scheduler(karras, align_to_boundaries=True).set_timesteps(8, mixture=mixture)
     with pytest.raises(ValueError, match="num_train_timesteps"):
         BlendedScheduler.from_scheduler(DDPMScheduler(num_train_timesteps=500)).set_timesteps(4, mixture=mixture)

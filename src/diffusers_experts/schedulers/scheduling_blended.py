@@ -89,6 +89,34 @@ def aligned_timesteps(
     return points
 
 
+def aligned_karras_sigmas(
+    boundaries: Sequence[float], alphas_cumprod: torch.Tensor, steps_per_expert: Sequence[int], rho: float = 7.0
+) -> list[float]:
+    """Descending sigmas (final 0 appended) with Karras spacing inside each expert's own noise range.
+
+    Expert k's `n_k` points run from the sigma of its top integer timestep towards the sigma of the next expert's top
+    timestep (where its last step lands), spaced as `(sigma_max^(1/rho) + i/n (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho`
+    (Karras et al. 2022, eq. 5); expert 0 ends at the smallest training sigma.
+    """
+    table = ((1 - alphas_cumprod.double()) / alphas_cumprod.double()).sqrt()
+    edges = [0.0, *boundaries, float(len(table))]
+    sigmas: list[float] = []
+    for k in reversed(range(len(steps_per_expert))):
+        top = math.ceil(edges[k + 1]) - 1
+        land = math.ceil(edges[k]) - 1
+        n_k = steps_per_expert[k]
+        if n_k > top - max(land, 0) + (k == 0):
+            raise ValueError(
+                f"`steps_per_expert[{k}]` = {n_k} is more than the {top - land} integer training timesteps that "
+                f"expert {k} owns ([{land + 1}, {top}])."
+            )
+        sigma_max, sigma_min = table[top].item(), table[max(land, 0)].item()
+        ramp = np.linspace(0, 1, n_k if k == 0 else n_k + 1)
+        spaced = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+        sigmas.extend(spaced.tolist() if k == 0 else spaced[:-1].tolist())
+    return [*sigmas, 0.0]
+
+
 class BlendedScheduler(SchedulerMixin, ConfigMixin):
     r"""
     Any diffusers noise scheduler of the DDPM family (DDPM, DDIM, DPM-Solver(++), Euler, Heun, LMS, UniPC, ... with or
@@ -109,7 +137,8 @@ class BlendedScheduler(SchedulerMixin, ConfigMixin):
     The boundaries are read from the mixture at [`~BlendedScheduler.set_timesteps`] time (`mixture=...`; the
     [`MultiExpertPipeline`] passes its `unet`): they are owned by the mixture config and never stored here.
     Alignment and `steps_per_expert` need a base whose `set_timesteps` accepts custom `timesteps` (DDPM,
-    DPM-Solver multistep and Euler / Heun without Karras sigmas).
+    DPM-Solver multistep and Euler / Heun without Karras sigmas) or, with Karras sigmas, custom `sigmas` (Euler: the
+    Karras spacing is then applied inside each expert's own noise range).
 
     Args:
         base_scheduler_class (`str`, defaults to `"DDIMScheduler"`): Class name of the wrapped diffusers scheduler.
@@ -286,19 +315,27 @@ class BlendedScheduler(SchedulerMixin, ConfigMixin):
         num_experts = len(self.boundaries) + 1
         steps = self._steps_per_expert(num_inference_steps, num_experts, mixture)
         timesteps = aligned_timesteps(self.boundaries, mixture.config.num_train_timesteps, steps)
-        if "timesteps" not in inspect.signature(self.base.set_timesteps).parameters:
+        accepted = inspect.signature(self.base.set_timesteps).parameters
+        karras = bool(self.base.config.get("use_karras_sigmas", False))
+        if karras and "sigmas" in accepted:
+            # Karras spacing inside each expert's own sigma range (Euler takes custom sigmas as they are)
+            schedule = {"sigmas": aligned_karras_sigmas(self.boundaries, self.base.alphas_cumprod, steps)}
+        elif "timesteps" in accepted:
+            schedule = {"timesteps": timesteps}
+        else:
             raise ValueError(
                 f"{type(self.base).__name__} cannot take a custom schedule, which `align_to_boundaries` / "
                 f"`steps_per_expert` need. Use a base whose `set_timesteps` accepts `timesteps` (DDPMScheduler, "
-                f"DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler) or "
-                f"align_to_boundaries=False without steps_per_expert."
+                f"DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler) or Karras `sigmas` "
+                f"(EulerDiscreteScheduler), or align_to_boundaries=False without steps_per_expert."
             )
         try:
-            self.base.set_timesteps(device=device, timesteps=timesteps)
+            self.base.set_timesteps(device=device, **schedule)
         except ValueError as error:
             raise ValueError(
                 f"{type(self.base).__name__} refused the boundary-aligned schedule {timesteps}: {error} (Karras / "
-                f"exponential / beta sigmas define their own spacing: disable them or use align_to_boundaries=False)."
+                f"exponential / beta sigmas define their own spacing: disable them, use EulerDiscreteScheduler for "
+                f"Karras sigmas, or align_to_boundaries=False)."
             ) from error
 
     def _read_mixture(self, mixture) -> None:
