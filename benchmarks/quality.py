@@ -10,7 +10,9 @@ Models (every one trained for the same number of optimizer steps with the same b
 | `meme-hard` / `meme-soft` | 4 small `IUNet2DModel` experts from `meme_expert_config` (each ~1/3 of the single model's MACs) | MEME |
 | `blend-linear` / `blend-sigmoid` / `blend-learned` | 2 small `UNet2DModel` experts blended by a ratio schedule, trained jointly on the blended output | two experts + ratio schedule |
 
-A mixture of N experts trained with expert timestep sampling spends step `i` on expert `i mod N` (so each expert gets
+All denoisers predict v (`--prediction-type v_prediction`, diffusers' v-parameterisation; DDPM training, DDIM
+sampling): at this tiny budget epsilon-prediction models still sample pure noise, because at large t their output
+must reproduce x_t almost exactly. A mixture of N experts trained with expert timestep sampling spends step `i` on expert `i mod N` (so each expert gets
 1/N of the steps); blended mixtures train both experts (and the learned schedule) on every step. Samples: DDIM,
 `--inference-steps` steps, eta 0. Quality: FID, KID, precision and recall with an offline feature extractor (a small
 classifier trained on the training digits, see `diffusers_experts.evaluation.ReferenceClassifier`) against held-out
@@ -64,7 +66,13 @@ def parse_args(argv=None):
     parser.add_argument("--models", default=",".join(MODELS), help=f"Comma-separated subset of {list(MODELS)}.")
     parser.add_argument("--steps", type=int, default=None, help="Optimizer steps per model (default 300; quick 4).")
     parser.add_argument("--batch-size", type=int, default=None, help="Training batch (default 32; quick 8).")
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument(
+        "--prediction-type",
+        choices=["epsilon", "v_prediction"],
+        default="v_prediction",
+        help="What the denoisers predict (same for every model).",
+    )
     parser.add_argument("--width", type=int, default=None, help="Base channels of the single models (8; quick 8).")
     parser.add_argument("--image-size", type=int, default=None, help="32 (28x28 digits padded); quick: 16.")
     parser.add_argument("--num-samples", type=int, default=None, help="Generated images per model (400; quick 12).")
@@ -181,7 +189,7 @@ def train(model, kind: str, data: torch.Tensor, args, log) -> float:
     """Equal-budget DDPM training (epsilon prediction, MSE): `args.steps` AdamW steps of `args.batch_size`."""
     from diffusers import DDPMScheduler
 
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=args.prediction_type)
     device = torch.device(args.device)
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
@@ -208,7 +216,8 @@ def train(model, kind: str, data: torch.Tensor, args, log) -> float:
             net = model
         timesteps = timesteps.to(device)
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-        loss = F.mse_loss(net(noisy, timesteps).sample, noise)
+        target = noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(clean, noise, timesteps)
+        loss = F.mse_loss(net(noisy, timesteps).sample, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -225,17 +234,17 @@ def train(model, kind: str, data: torch.Tensor, args, log) -> float:
 # ---------------------------------------------------------------------------------------------------------- sampling
 
 
-def make_scheduler():
+def make_scheduler(prediction_type: str = "epsilon"):
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(num_train_timesteps=1000)
+    return DDIMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
 
 
 def generate(model, args) -> tuple[torch.Tensor, float]:
     """`num_samples` DDIM samples as uint8 `(N, 1, S, S)` and the seconds per image."""
     from diffusers import DDIMPipeline
 
-    pipe = DDIMPipeline(unet=model, scheduler=make_scheduler())
+    pipe = DDIMPipeline(unet=model, scheduler=make_scheduler(args.prediction_type))
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(args.seed + 1)
     chunks, start, remaining = [], time.perf_counter(), args.num_samples
