@@ -417,7 +417,7 @@ class MultiExpertPipeline(DiffusionPipeline):
             )
         return plan
 
-    def expert_schedule(self, run: SimpleNamespace) -> list[list[int]]:
+    def _expert_schedule(self, run: SimpleNamespace) -> list[list[int]]:
         """Active experts (non-zero weight) of every step of a prepared run."""
         return [step.active for step in run.plan]
 
@@ -659,7 +659,7 @@ class MultiExpertPipeline(DiffusionPipeline):
         # 4. expert-major: each segment of steps with the same active experts, over all batches
         spill = os.path.join(os.fspath(output_dir), ".intermediates") if intermediates == "disk" else None
         if runs:
-            segments = _segments(self.expert_schedule(runs[0]))
+            segments = _segments(self._expert_schedule(runs[0]))
             with self.progress_bar(total=len(runs[0].steps) * len(runs)) as progress_bar:
                 for start, stop in segments:
                     for j, run in enumerate(runs):
