@@ -62,6 +62,7 @@ def parse_args(argv=None):
     parser.add_argument("--classifier_dir", default=None, help="Saved ReferenceClassifier (trained here if absent).")
     parser.add_argument("--classifier_steps", type=int, default=1000)
     parser.add_argument("--kid_subset_size", type=int, default=None)
+    parser.add_argument("--isc_splits", type=int, default=10)
     parser.add_argument("--out", default="eval")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -170,6 +171,7 @@ def main(args) -> dict:
         reference,
         metrics=args.metrics,
         kid_subset_size=args.kid_subset_size,
+        isc_splits=args.isc_splits,
         device=args.device,
         seed=args.seed,
         **extractor,
