@@ -5,7 +5,9 @@
 
 Prints, from one run:
 1. time ratio of `MultiExpertPipeline` (4 hard-routed experts) vs diffusers' `DDIMPipeline` with one expert of the
-   same size (same scheduler, steps, batch; interleaved repeats, median);
+   same size (same scheduler, steps, batch; interleaved repeats): wall clock with the configured threads, and (CPU)
+   the calling thread's CPU time with one torch thread, which other processes on a shared machine barely disturb;
+   then the pure pipeline overhead, measured around denoisers that cost nothing;
 2. expert loads (moves onto the device) of expert-major `generate_many` (= N) vs a loop of `__call__` (= N x batches);
 3. peak accelerator memory with and without per-expert offload (CUDA), or on CPU the peak of expert parameters
    resident on the execution device (the offloader's bookkeeping).
@@ -60,6 +62,13 @@ def make_expert(seed: int, sample_size: int) -> UNet2DModel:
         norm_num_groups=8,
         attention_head_dim=16,
     ).eval()
+
+
+def cpu_timed(fn) -> float:
+    """CPU time of the calling thread (run with one torch thread): robust to other processes on a shared machine."""
+    start = time.thread_time()
+    fn()
+    return time.thread_time() - start
 
 
 def timed(fn, device: torch.device) -> float:
@@ -117,9 +126,7 @@ def main(args):
         for r in range(args.repeats):
             order = [(pipe, ours_cpu), (reference, theirs_cpu)]
             for p, cpu in order if r % 2 == 0 else order[::-1]:
-                start = time.thread_time()
-                run(p)()
-                cpu.append(time.thread_time() - start)
+                cpu.append(cpu_timed(run(p)))
         torch.set_num_threads(threads)
         print(
             f"[time] thread CPU time, 1 thread: MultiExpertPipeline min {min(ours_cpu):.3f}s | DDIMPipeline min "
@@ -133,6 +140,12 @@ def main(args):
         scheduler=DDIMScheduler(),
     )
     null_reference = DDIMPipeline(unet=NullDenoiser(args.sample_size).to(device), scheduler=DDIMScheduler())
+    # on CPU: thread CPU time with one torch thread, relative to the single-thread CPU time of the real run
+    on_cpu = device.type == "cpu"
+    measure = cpu_timed if on_cpu else (lambda fn: timed(fn, device))
+    reference_time = min(theirs_cpu) if on_cpu else min(theirs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if on_cpu else threads)
     overhead = {}
     for name, p in (("ours", null_pipe), ("ddim", null_reference)):
         p.set_progress_bar_config(disable=True)
@@ -140,7 +153,8 @@ def main(args):
             call = lambda p=p, steps=steps: p(  # noqa: E731
                 args.batch_size, num_inference_steps=steps, generator=torch.manual_seed(0), output_type="pt"
             )
-            overhead[name, steps] = min(timed(call, device) for _ in range(20))
+            overhead[name, steps] = min(measure(call) for _ in range(30))
+    torch.set_num_threads(threads)
     per_call = overhead["ours", 1] - overhead["ddim", 1]
     per_step = (
         (overhead["ours", args.steps + 1] - overhead["ours", 1])
@@ -150,7 +164,8 @@ def main(args):
     print(
         f"[overhead] null denoisers: MultiExpertPipeline - DDIMPipeline = {per_call * 1e3:+.2f} ms per call, "
         f"{per_step * 1e3:+.3f} ms per step -> {extra * 1e3:+.2f} ms per {args.steps}-step run = "
-        f"{extra / min(theirs):+.2%} of DDIMPipeline's fastest run above (implied ratio {1 + extra / min(theirs):.3f})"
+        f"{extra / reference_time:+.2%} of DDIMPipeline's fastest run above (implied ratio "
+        f"{1 + extra / reference_time:.3f})"
     )
 
     # 2. expert loads: expert-major generate_many vs batch-major loop of __call__
