@@ -87,8 +87,10 @@ def plot_attention_shares(experts: Sequence, path: str | os.PathLike, title: str
     shares = [attention_shares(expert) for expert in experts]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    for k, row in enumerate(shares):
-        ax.plot(range(1, len(row) + 1), row, marker="o", label=f"expert {k}")
+    styles = ("-", "--", "-.", ":")
+    for k, row in enumerate(shares):  # distinct line styles and shrinking markers keep equal rows visible
+        style = styles[k % len(styles)]
+        ax.plot(range(1, len(row) + 1), row, style, marker="o", markersize=9 - 1.5 * (k % 4), label=f"expert {k}")
     ax.set_xlabel("stage (depth)")
     ax.set_ylabel("attention channels C_l / C")
     ax.set_ylim(-0.02, 1.02)
