@@ -85,6 +85,17 @@ def test_every_model_call_goes_to_the_expert_that_owns_its_noise_level(mixture4,
         assert any(a["expert"] != b["expert"] and a["t"] != b["t"] for a, b in zip(calls, calls[1:]))
 
 
+@pytest.mark.parametrize("name", ["ddpm", "dpmpp", "euler", "euler-karras", "heun"])
+def test_aligned_schedules_route_every_call_and_give_each_expert_its_steps(mixture4, name):
+    scheduler = BlendedScheduler.from_scheduler(scheduler_from_name(name), steps_per_expert=[1, 1, 2, 2])
+    pipe = make_pipe(copy.deepcopy(mixture4), scheduler)
+    calls = record_calls(pipe)
+    pipe(batch_size=1, num_inference_steps=6, generator=torch.manual_seed(0), output_type="latent")
+    assert all(c["expert"] == owner(mixture4, c["noise_t"]) for c in calls)
+    first_calls = calls[::2] if name == "heun" else calls  # Heun: the first call of each step
+    assert [c["expert"] for c in first_calls] == [3, 3, 2, 2, 1, 0]
+
+
 def test_identical_experts_give_the_images_of_ddim_pipeline():
     expert = tiny_unet(3)
     mixture = ExpertMixtureUNet.from_experts([copy.deepcopy(expert) for _ in range(4)])
