@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMPipeline, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from PIL import Image
+from safetensors.torch import load_file
 
 from conftest import tiny_mixture, tiny_unet
 from diffusers_experts import BlendedScheduler, ExpertMixtureUNet, MultiExpertPipeline
@@ -259,6 +260,25 @@ def test_generate_many_writes_pngs_resumes_and_spills_to_disk(mixture4, tmp_path
     assert {c["batch"] for c in calls} == {1} and len(calls) == 3  # only image 1 is redone
     assert np.array_equal(np.asarray(Image.open(again.paths[1])), first[1])
     assert not os.path.exists(tmp_path / ".intermediates")
+
+
+def test_disk_intermediates_carry_the_multistep_solver_state(mixture4, tmp_path):
+    pipe = make_pipe(mixture4, scheduler_from_name("dpmpp"))
+    in_memory = pipe.generate_many(3, batch_size=2, seed=4, num_inference_steps=4).images
+    spilled = []
+    park = pipe._park_latents
+
+    def spy(run, spill, j):
+        park(run, spill, j)
+        spilled.append(sorted(load_file(os.path.join(spill, f"batch_{j}.safetensors"))))
+
+    pipe._park_latents = spy
+    on_disk = pipe.generate_many(
+        3, batch_size=2, seed=4, num_inference_steps=4, output_dir=tmp_path, intermediates="disk"
+    )
+    assert all(np.array_equal(np.asarray(a), np.asarray(Image.open(p))) for a, p in zip(in_memory, on_disk.paths))
+    # after the first step the DPM-Solver history is spilled with the latents
+    assert any(key.startswith("state.model_outputs.") for keys in spilled for key in keys)
 
 
 @pytest.mark.parametrize("scheduler", [DDIMScheduler(), EulerDiscreteScheduler(), scheduler_from_name("heun")])

@@ -384,7 +384,13 @@ class MultiExpertPipeline(DiffusionPipeline):
             step_kwargs["generator"] = generator
         steps = [(begin + i, t) for i, t in enumerate(scheduler.timesteps[begin:end])]
         run = SimpleNamespace(
-            latents=latents, scheduler=scheduler, steps=steps, labels=labels, scales=scales, step_kwargs=step_kwargs
+            latents=latents,
+            scheduler=scheduler,
+            steps=steps,
+            labels=labels,
+            scales=scales,
+            step_kwargs=step_kwargs,
+            device=device,
         )
         run.plan = self._routing_plan(run)
         return run
@@ -588,8 +594,8 @@ class MultiExpertPipeline(DiffusionPipeline):
             output_dir (`str`, *optional*): Write `000000.png`, `000001.png`, ... there; images already present are
                 skipped, so an interrupted run resumes without redoing finished images.
             intermediates (`str`, defaults to `"memory"`): Where latents wait between experts: `"memory"` (on the
-                offload device when offloading) or `"disk"` (safetensors under `output_dir/.intermediates`, for sets
-                too large for memory; the schedulers' own state stays in memory).
+                offload device when offloading) or `"disk"` (safetensors under `output_dir/.intermediates`, with the
+                per-batch solver state such as multistep history, for sets too large for memory).
             class_labels (`int` or sequence, *optional*): One class for all images or one per image.
             output_type (`str`, defaults to `"pil"`): Type of the returned images without `output_dir`.
             call_kwargs: `num_inference_steps`, `guidance_scale`, `eta`, `denoising_start`, `denoising_end` as in
@@ -699,20 +705,59 @@ class MultiExpertPipeline(DiffusionPipeline):
         return labels
 
     def _park_latents(self, run: SimpleNamespace, spill: str | None, j: int) -> None:
-        """Between experts: latents to disk (`spill`) or to the offload device, freeing the accelerator."""
+        """Between experts: latents and per-batch solver state to disk (`spill`), or latents to the offload device."""
         if spill is not None:
             os.makedirs(spill, exist_ok=True)
-            save_file(
-                {"latents": run.latents.detach().cpu().contiguous()}, os.path.join(spill, f"batch_{j}.safetensors")
-            )
+            tensors = {"latents": run.latents}
+            tensors.update({f"state.{key}": value for key, value in _take_solver_state(run).items()})
+            tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+            save_file(tensors, os.path.join(spill, f"batch_{j}.safetensors"))
             run.latents = None
         elif self.expert_offload is not None:
             run.latents = run.latents.to(self.expert_offload.offload_device)
 
     def _restore_latents(self, run: SimpleNamespace, spill: str | None, j: int) -> None:
         if run.latents is None:
-            run.latents = load_file(os.path.join(spill, f"batch_{j}.safetensors"))["latents"]
-        run.latents = run.latents.to(self._run_device)
+            tensors = load_file(os.path.join(spill, f"batch_{j}.safetensors"), device=str(run.device))
+            run.latents = tensors.pop("latents")
+            _put_solver_state(run, {key[len("state.") :]: value for key, value in tensors.items()})
+        run.latents = run.latents.to(run.device)
+
+
+def _solver(scheduler):
+    return scheduler.base if isinstance(scheduler, BlendedScheduler) else scheduler
+
+
+def _take_solver_state(run: SimpleNamespace) -> dict[str, torch.Tensor]:
+    """Remove and return the batch-shaped tensors a scheduler keeps between steps (multistep history, Heun's
+    first-order sample, ...): attributes, or items of list attributes, shaped like the run's latents."""
+    solver, shape = _solver(run.scheduler), tuple(run.latents.shape)
+    state = {}
+    for name, value in vars(solver).items():
+        if torch.is_tensor(value) and tuple(value.shape) == shape:
+            state[name] = value
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if torch.is_tensor(item) and tuple(item.shape) == shape:
+                    state[f"{name}.{i}"] = item
+    for key in state:
+        name, _, index = key.partition(".")
+        if index:
+            getattr(solver, name)[int(index)] = None
+        else:
+            setattr(solver, name, None)
+    return state
+
+
+def _put_solver_state(run: SimpleNamespace, state: dict[str, torch.Tensor]) -> None:
+    """Put back what [`_take_solver_state`] removed."""
+    solver = _solver(run.scheduler)
+    for key, value in state.items():
+        name, _, index = key.partition(".")
+        if index:
+            getattr(solver, name)[int(index)] = value
+        else:
+            setattr(solver, name, value)
 
 
 def _copy_scheduler(scheduler):
