@@ -1,6 +1,7 @@
 """MultiExpertPipeline: routing under every scheduler, CFG, latent experts, offload, bulk generation, split runs."""
 
 import copy
+import json
 import os
 
 import numpy as np
@@ -307,6 +308,12 @@ def test_pipeline_round_trip_with_blended_scheduler_and_vae(tmp_path):
     assert isinstance(loaded.scheduler, BlendedScheduler) and loaded.scheduler.config.steps_per_expert == [1, 2]
     assert isinstance(loaded.vae, AutoencoderKL)
     assert np.array_equal(loaded(2, 3, torch.manual_seed(0), output_type="np").images, before)
+    # a model_index.json naming another library is refused before anything is imported
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["vae"] = ["os", "system"]
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="Component `vae`.*library 'os'"):
+        MultiExpertPipeline.from_pretrained(tmp_path)
 
 
 def test_bad_input_raises_value_errors_naming_the_argument(mixture4):

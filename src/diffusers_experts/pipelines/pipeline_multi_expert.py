@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -43,6 +44,25 @@ class BulkGenerationOutput(BaseOutput):
     images: list | np.ndarray | torch.Tensor | None
     paths: list[str] | None = None
     expert_loads: list[int] | None = None
+
+
+def _check_component_libraries(folder: str) -> None:
+    """Refuse a `model_index.json` whose components come from other libraries than diffusers / diffusers_experts:
+    diffusers would import whatever module the (possibly downloaded) file names."""
+    index_file = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_file):
+        raise ValueError(f"No model_index.json in {folder!r}: not a saved MultiExpertPipeline.")
+    with open(index_file, encoding="utf-8") as f:
+        index = json.load(f)
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        library = str(value[0])
+        if library != "diffusers" and library.split(".")[0] != "diffusers_experts":
+            raise ValueError(
+                f"Component `{name}` of {index_file!r} comes from library {library!r}; MultiExpertPipeline loads "
+                f"components from 'diffusers' and 'diffusers_experts' only."
+            )
 
 
 def _step_parameters(scheduler) -> set[str]:
@@ -137,6 +157,7 @@ class MultiExpertPipeline(DiffusionPipeline):
         path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(path):
             path = resolve_pipeline_folder(path, **hub_kwargs)  # only the files loading needs
+        _check_component_libraries(path)
         return super().from_pretrained(path, **kwargs)
 
     def push_to_hub(
