@@ -359,6 +359,7 @@ def main(args) -> dict:
             seed=args.seed,
             block_out_channels=(16, 32, 64),
             feature_dim=64,
+            device=args.device,
         )
         classifier.save_pretrained(classifier_dir)
         log(f"feature extractor: trained in {time.perf_counter() - start:.0f}s")

@@ -131,6 +131,7 @@ class ReferenceClassifier(ModelMixin, ConfigMixin):
         batch_size: int = 64,
         learning_rate: float = 5e-3,
         seed: int = 0,
+        device: str | torch.device | None = None,
         **config,
     ) -> ReferenceClassifier:
         r"""
@@ -144,6 +145,7 @@ class ReferenceClassifier(ModelMixin, ConfigMixin):
             in_channels (`int`, *optional*): Defaults to the images' channels.
             steps (`int`, defaults to 500), batch_size (`int`, defaults to 64), learning_rate (`float`): Training.
             seed (`int`, defaults to 0): Seeds the initialisation and the batches.
+            device (`str` or `torch.device`, *optional*): Where to train (default CPU); the model stays there.
             config: Further [`ReferenceClassifier`] arguments (`block_out_channels`, `feature_dim`).
         """
         images = _check_uint8_images(images, "images")
@@ -162,13 +164,16 @@ class ReferenceClassifier(ModelMixin, ConfigMixin):
                 num_classes=num_classes,
                 **config,
             )
-        x_all = images_to_float(images, model.config.in_channels, model.config.sample_size)
+        device = torch.device(device or "cpu")
+        model.to(device)
+        x_all = images_to_float(images, model.config.in_channels, model.config.sample_size).to(device)
+        labels = labels.to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
         max_shift = model.config.sample_size // 14  # 2 pixels at MNIST's 28-32 pixels, none below 14
         model.train()
         for _ in range(steps):
-            idx = torch.randint(0, len(x_all), (min(batch_size, len(x_all)),), generator=generator)
+            idx = torch.randint(0, len(x_all), (min(batch_size, len(x_all)),), generator=generator).to(device)
             x = x_all[idx]
             if max_shift > 0:
                 shift = torch.randint(-max_shift, max_shift + 1, (2,), generator=generator).tolist()
