@@ -142,7 +142,7 @@ def make_mixture(args, sample_size: int, in_channels: int) -> ExpertMixtureUNet:
             )
     else:
         config = load_model_config(args.expert_type, args.model_config)
-        factor = downsampling_factor(args.expert_type, config)
+        factor = downsampling_factor(config)
         if sample_size % factor:
             raise ValueError(f"`--resolution` {sample_size} must be divisible by the experts' downsampling {factor}.")
         experts = build_experts(args.expert_type, args.num_experts, config, sample_size, in_channels, num_class_embeds)

@@ -217,7 +217,7 @@ def make_mixture(args, sample_size: int, in_channels: int):
         experts = build_lora_experts(args.base_model, args.num_experts, args.lora_rank, args.lora_alpha)
     else:
         config = load_model_config(args.expert_type, args.model_config)
-        factor = downsampling_factor(args.expert_type, config)
+        factor = downsampling_factor(config)
         if sample_size % factor:
             what = "the VAE latent size" if args.vae else "`--resolution`"
             raise ValueError(

@@ -51,7 +51,7 @@ def load_model_config(expert_type: str, path: str | None) -> dict:
     return config
 
 
-def downsampling_factor(expert_type: str, config: dict) -> int:
+def downsampling_factor(config: dict) -> int:
     """Total spatial downsampling of an expert: the sample size must be a multiple of it."""
     num_stages = len(config["block_out_channels"])
     return 2 ** (num_stages - 1)
