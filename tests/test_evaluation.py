@@ -158,3 +158,16 @@ def test_inception_weights_are_read_without_unpickling_objects(tmp_path):
     torch.save({"fc.weight": np.dtype("float32"), "payload": Image.new("L", (1, 1))}, evil)
     with pytest.raises(Exception, match="(?i)weights_only|unpickl|unsupported"):
         _safe_inception_weights(str(evil), str(tmp_path))
+
+
+def test_classifier_bad_inputs(classifier, digits, tmp_path):
+    images, labels = digits
+    with pytest.raises(TypeError, match="uint8"):
+        ReferenceClassifier.fit(images.float(), labels, steps=1)
+    with pytest.raises(ValueError, match="one label per image"):
+        ReferenceClassifier.fit(images, labels[:-1], steps=1)
+    with pytest.raises(ValueError, match="`in_channels`"):
+        ReferenceClassifier(in_channels=2)
+    with pytest.raises(ValueError, match="safetensors"):
+        classifier.save_pretrained(tmp_path / "c", safe_serialization=False)
+    assert not (tmp_path / "c").exists()
