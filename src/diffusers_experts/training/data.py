@@ -144,9 +144,9 @@ def collate(examples: list[dict]) -> dict:
     return batch
 
 
-def build_training_dataset(args, vae=None):
+def build_training_dataset(args):
     """The training dataset of a script's data arguments: images in [-1, 1] (`pixel_values`, plus `class_labels`
-    with `--num_classes`), or cached latent distributions with `--cache_latents`. Returns it with the image channels."""
+    with `--num_classes`). Returns it with the number of image channels."""
     dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
     image_column = resolve_image_column(dataset, args.image_column)
     if args.num_classes is not None:
@@ -164,10 +164,6 @@ def build_training_dataset(args, vae=None):
         label_column=args.label_column if args.num_classes is not None else None,
     )
     dataset = dataset.with_transform(transform)
-    if getattr(args, "cache_latents", False):
-        from .latents import LatentCache
-
-        dataset = LatentCache(vae, dataset, batch_size=args.train_batch_size)
     return dataset, num_channels
 
 

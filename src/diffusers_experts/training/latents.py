@@ -34,8 +34,8 @@ def encode_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator |
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """The latent distribution (mean, std) of every image of a dataset, encoded once; items sample a latent anew is
-    done in the training loop with [`LatentCache.sample`]. Built without augmentation (no random flip)."""
+    """The latent distribution (mean, std) of every image of a dataset, encoded once without augmentation; the
+    training loop draws a fresh latent from it at every step with [`LatentCache.sample`]."""
 
     def __init__(self, vae, dataset, batch_size: int = 64):
         from .data import collate
