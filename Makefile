@@ -42,6 +42,9 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/routing_overhead.py
+	$(BIN)/python benchmarks/sampling.py
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/quality.py --quick --output-dir outputs/quality-quick
 
 clean:
 	rm -rf $(VENV) outputs build *.egg-info src/*.egg-info
