@@ -334,3 +334,18 @@ def test_gradient_checkpointing_reaches_experts():
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
     mixture(x, t).sample.mean().backward()
     assert all(e.conv_in.weight.grad is not None for e in mixture.experts)
+
+
+def test_saved_folders_get_normal_permissions(tmp_path):
+    from diffusers_experts.hub import save_model_cards
+
+    old = os.umask(0o022)
+    try:
+        mixture = tiny_mixture(2)
+        mixture.save_pretrained(tmp_path / "mix")
+        save_model_cards(tmp_path / "mix", mixture)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "mix").stat().st_mode & 0o777 == 0o755  # not tempfile's 0700
+    assert (tmp_path / "mix" / "README.md").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    assert (tmp_path / "mix" / "expert_0").stat().st_mode & 0o777 == 0o755

@@ -14,6 +14,8 @@ from importlib import resources
 
 from torch import nn
 
+from .saving import set_default_permissions
+
 
 PACKAGE_URL = "https://github.com/diffusers-experts/diffusers-experts"
 MODEL_CARD_NAME = "README.md"
@@ -365,6 +367,7 @@ def _write_text_atomic(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        set_default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -21,6 +21,7 @@ def atomic_directory(target: str | os.PathLike, stale: tuple[str, ...] = ()) -> 
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    set_default_permissions(tmp)  # mkdtemp makes 0700 folders; a saved model is as readable as any new folder
     try:
         yield tmp
         if not os.path.exists(target):
@@ -35,6 +36,13 @@ def atomic_directory(target: str | os.PathLike, stale: tuple[str, ...] = ()) -> 
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def set_default_permissions(path: str) -> None:
+    """Give `path` the mode a plain `open`/`mkdir` would (0666 / 0777 minus the umask), undoing tempfile's 0600/0700."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
 
 
 def _swap_in(new: str, dest: str) -> None:
