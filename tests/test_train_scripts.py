@@ -458,3 +458,41 @@ def test_dataset_and_resolution_errors_name_the_problem(workspace, tmp_path):
     )
     with pytest.raises(ValueError, match="`--resolution` 15 must be divisible by 2"):
         train_meme.main(args)
+
+
+def test_push_to_hub_over_loopback(hub_server, workspace, tmp_path):
+    """`--push_to_hub` publishes the exported pipeline (one commit, with cards) to the loopback Hub of the tests."""
+    from huggingface_hub import HfApi
+
+    from diffusers_experts import MultiExpertPipeline
+
+    repo = "org/train-meme-push"
+    command = _script(
+        "train_meme.py",
+        "--train_data_dir",
+        str(workspace / "data"),
+        *QUICK,
+        "--model_config",
+        str(workspace / "tiny_unet.json"),
+        "--expert_type",
+        "unet",
+        "--num_experts",
+        "2",
+        "--max_train_steps",
+        "2",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--push_to_hub",
+        "--hub_model_id",
+        repo,
+    )
+    env = {**_environment(), "HF_HUB_OFFLINE": "0"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    api = HfApi()
+    assert len(api.list_repo_commits(repo)) == 2  # the repo's initial commit + one push with everything
+    files = set(api.list_repo_files(repo))
+    assert {"model_index.json", "README.md", "unet/config.json", "unet/expert_1/README.md"} <= files
+    pipe = MultiExpertPipeline.from_pretrained(repo, cache_dir=tmp_path / "cache")
+    images = pipe(batch_size=1, num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 16, 16, 3)
