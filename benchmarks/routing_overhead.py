@@ -98,6 +98,8 @@ def per_call_overhead(args, calls: int = 300) -> None:
     x = torch.randn(1, 3, 8, 8)
     t = {"expert alone": 100, "mixture, hard, scalar t": 100, "mixture, linear blend (2 experts run)": 250}
     cpu = {name: [] for name in variants}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # several threads spin-wait on tiny ops, which CPU time would count
     with torch.no_grad():
         for _ in range(5):
             for name, model in variants.items():
@@ -105,7 +107,8 @@ def per_call_overhead(args, calls: int = 300) -> None:
                 for _ in range(calls):
                     model(x, t[name])
                 cpu[name].append((time.process_time() - start) / calls * 1e6)
-    print(f"\n## Per-call cost, tiny 8x8 expert (CPU microseconds per call, min of 5 x {calls} calls)")
+    torch.set_num_threads(threads)
+    print(f"\n## Per-call cost, tiny 8x8 expert, 1 thread (CPU microseconds per call, min of 5 x {calls} calls)")
     print("| variant | us / call | overhead vs expert alone |")
     print("|---|---|---|")
     base = min(cpu["expert alone"])
