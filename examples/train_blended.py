@@ -28,7 +28,6 @@ The output folder loads with `MultiExpertPipeline.from_pretrained(output_dir)`.
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 
@@ -37,7 +36,6 @@ import torch.nn.functional as F
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
-from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from diffusers_experts import ExpertMixtureUNet
@@ -66,6 +64,7 @@ from diffusers_experts.training.arguments import (
     check_common_arguments,
 )
 from diffusers_experts.training.experts import downsampling_factor, load_model_config
+from diffusers_experts.training.optimization import make_lr_scheduler, make_optimizer, optimizer_steps
 
 
 logger = get_logger(__name__, log_level="INFO")
@@ -191,21 +190,9 @@ def main(args):
     groups = [{"params": list(mixture.experts.parameters()), "lr": args.learning_rate}]
     if mixture.routing_logits is not None:
         groups.append({"params": [mixture.routing_logits], "lr": args.routing_lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(
-        groups,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    total_steps = args.max_train_steps or args.num_epochs * max(steps_per_epoch, 1)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=total_steps * accelerator.num_processes,
-    )
+    optimizer = make_optimizer(groups, args)
+    total_steps = optimizer_steps(args, dataloader, accelerator)
+    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator, total_steps)
     model, optimizer, lr_scheduler, dataloader = accelerator.prepare(mixture, optimizer, lr_scheduler, dataloader)
     ema = None
     if args.use_ema:

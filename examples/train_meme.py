@@ -36,7 +36,6 @@ mixture and each expert. `--max_train_steps` counts optimizer steps *per expert*
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 
@@ -45,7 +44,6 @@ import torch.nn.functional as F
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
-from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from diffusers_experts import ExpertMixtureUNet
@@ -82,6 +80,7 @@ from diffusers_experts.training.arguments import (
 from diffusers_experts.training.experts import downsampling_factor, load_model_config
 from diffusers_experts.training.export import read_expert_runs
 from diffusers_experts.training.latents import vae_downsampling_factor
+from diffusers_experts.training.optimization import make_lr_scheduler, make_optimizer, optimizer_steps
 
 
 logger = get_logger(__name__, log_level="INFO")
@@ -359,30 +358,12 @@ def main(args):
         prediction_type=args.prediction_type,
     )
     batches_per_step = args.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / batches_per_step)
-    steps_per_expert = args.max_train_steps or args.num_epochs * max(steps_per_epoch, 1)
+    steps_per_expert = optimizer_steps(args, dataloader, accelerator)
     total_steps = steps_per_expert * len(order)
 
     # 4. optimizers, lr schedules, EMA: one per trained expert
-    optimizers = [
-        torch.optim.AdamW(
-            trainable_parameters(expert),
-            lr=args.learning_rate,
-            betas=(args.adam_beta1, args.adam_beta2),
-            weight_decay=args.adam_weight_decay,
-            eps=args.adam_epsilon,
-        )
-        for expert in experts
-    ]
-    lr_schedulers = [
-        get_scheduler(
-            args.lr_scheduler,
-            optimizer=optimizer,
-            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-            num_training_steps=steps_per_expert * accelerator.num_processes,
-        )
-        for optimizer in optimizers
-    ]
+    optimizers = [make_optimizer(trainable_parameters(expert), args) for expert in experts]
+    lr_schedulers = [make_lr_scheduler(opt, args, accelerator, steps_per_expert) for opt in optimizers]
     n = len(experts)
     prepared = accelerator.prepare(*experts, *optimizers, *lr_schedulers, dataloader)
     models, optimizers, lr_schedulers, dataloader = (

@@ -12,7 +12,6 @@ latents have unit variance, as latent diffusion expects.
 
 import argparse
 import json
-import math
 import os
 import shutil
 
@@ -20,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
-from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from diffusers_experts.saving import atomic_directory
@@ -34,6 +32,7 @@ from diffusers_experts.training import (
     save_checkpoint,
 )
 from diffusers_experts.training.arguments import add_data_arguments, add_optimization_arguments, check_common_arguments
+from diffusers_experts.training.optimization import make_lr_scheduler, make_optimizer, optimizer_steps
 
 
 def parse_args(argv=None):
@@ -137,21 +136,9 @@ def main(args):
         num_workers=args.dataloader_num_workers,
     )
     vae = make_vae(args, num_channels)
-    optimizer = torch.optim.AdamW(
-        vae.parameters(),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    total_steps = args.max_train_steps or args.num_epochs * max(steps_per_epoch, 1)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=total_steps * accelerator.num_processes,
-    )
+    optimizer = make_optimizer(vae.parameters(), args)
+    total_steps = optimizer_steps(args, dataloader, accelerator)
+    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator, total_steps)
     # the objective runs in one forward, so DDP synchronises the gradients of encoder and decoder
     model, optimizer, lr_scheduler, dataloader = accelerator.prepare(
         VAEObjective(vae), optimizer, lr_scheduler, dataloader

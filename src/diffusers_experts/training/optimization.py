@@ -1,0 +1,35 @@
+"""AdamW and the lr schedule from the shared training arguments, as diffusers' `train_unconditional.py` builds them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.optimization import get_scheduler
+
+
+def optimizer_steps(args, dataloader, accelerator) -> int:
+    """Optimizer steps of one run: `--max_train_steps`, else `--num_epochs` passes over this process's batches."""
+    steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    return args.max_train_steps or args.num_epochs * max(steps_per_epoch, 1)
+
+
+def make_optimizer(params, args) -> torch.optim.AdamW:
+    """AdamW over `params` (tensors or param groups) with `--learning_rate`, `--adam_*`."""
+    return torch.optim.AdamW(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+def make_lr_scheduler(optimizer, args, accelerator, num_steps: int):
+    """`--lr_scheduler` with `--lr_warmup_steps` over `num_steps`; Accelerate steps it once per process."""
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=num_steps * accelerator.num_processes,
+    )
