@@ -29,7 +29,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +51,7 @@ from diffusers_experts.training import (
     export_pipeline,
     make_accelerator,
     prediction_target,
+    prepare_output_dir,
     resume,
     save_checkpoint,
     save_preview,
@@ -166,10 +166,7 @@ def main(args):
     # 2. accelerate (blended routing may give an expert zero weight on a whole batch: DDP must allow that)
     accelerator = make_accelerator(args, find_unused_parameters=True)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if accelerator.is_main_process:
-        if args.overwrite_output_dir and args.resume_from_checkpoint is None and os.path.isdir(args.output_dir):
-            shutil.rmtree(args.output_dir)
-        os.makedirs(args.output_dir, exist_ok=True)
+    prepare_output_dir(args, accelerator)
     dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,

@@ -37,7 +37,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +63,7 @@ from diffusers_experts.training import (
     load_vae,
     make_accelerator,
     prediction_target,
+    prepare_output_dir,
     resume,
     save_checkpoint,
     save_expert_run,
@@ -329,10 +329,7 @@ def main(args):
     # 2. accelerate, the data loader
     accelerator = make_accelerator(args, find_unused_parameters=args.lora_rank is not None)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if accelerator.is_main_process:
-        if args.overwrite_output_dir and args.resume_from_checkpoint is None and os.path.isdir(args.output_dir):
-            shutil.rmtree(args.output_dir)
-        os.makedirs(args.output_dir, exist_ok=True)
+    prepare_output_dir(args, accelerator)
     if vae is not None:
         vae.to(accelerator.device)
         if args.cache_latents:

@@ -13,7 +13,6 @@ latents have unit variance, as latent diffusion expects.
 import argparse
 import json
 import os
-import shutil
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +27,7 @@ from diffusers_experts.training import (
     build_training_dataset,
     collate,
     make_accelerator,
+    prepare_output_dir,
     resume,
     save_checkpoint,
 )
@@ -123,10 +123,7 @@ def main(args):
     set_seed(args.seed)
     dataset, num_channels = build_training_dataset(args)
     accelerator = make_accelerator(args)
-    if accelerator.is_main_process:
-        if args.overwrite_output_dir and args.resume_from_checkpoint is None and os.path.isdir(args.output_dir):
-            shutil.rmtree(args.output_dir)
-        os.makedirs(args.output_dir, exist_ok=True)
+    prepare_output_dir(args, accelerator)
     dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,

@@ -1,7 +1,7 @@
 """Building blocks shared by the training scripts in `examples/` (data, experts, objective, EMA, checkpoints,
 previews, export). One concept per module; the scripts themselves hold the training loops."""
 
-from .accelerator import make_accelerator
+from .accelerator import make_accelerator, prepare_output_dir
 from .checkpointing import GeneratorState, latest_checkpoint, list_checkpoints, resume, save_checkpoint
 from .data import (
     BatchStream,
@@ -42,6 +42,7 @@ __all__ = [
     "load_image_dataset",
     "load_vae",
     "make_accelerator",
+    "prepare_output_dir",
     "make_image_transform",
     "prediction_target",
     "read_expert_runs",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 
 def make_accelerator(args, find_unused_parameters: bool = False):
@@ -26,3 +27,12 @@ def make_accelerator(args, find_unused_parameters: bool = False):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=handlers,
     )
+
+
+def prepare_output_dir(args, accelerator) -> None:
+    """Create `--output_dir` (emptied first with `--overwrite_output_dir`, unless resuming); every process waits."""
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir and args.resume_from_checkpoint is None and os.path.isdir(args.output_dir):
+            shutil.rmtree(args.output_dir)
+        os.makedirs(args.output_dir, exist_ok=True)
+    accelerator.wait_for_everyone()
