@@ -349,3 +349,109 @@ def test_saved_folders_get_normal_permissions(tmp_path):
     assert (tmp_path / "mix").stat().st_mode & 0o777 == 0o755  # not tempfile's 0700
     assert (tmp_path / "mix" / "README.md").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
     assert (tmp_path / "mix" / "expert_0").stat().st_mode & 0o777 == 0o755
+
+
+# --- diffusers model conventions: pipelines, save/load arguments, variants, shards, dtypes
+
+
+def _images(pipeline_cls, scheduler, unet, **kwargs):
+    pipe = pipeline_cls(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(batch_size=2, generator=torch.manual_seed(0), output_type="np", **kwargs).images
+
+
+@pytest.mark.parametrize(
+    "pipeline_cls, scheduler", [(DDPMPipeline, DDPMScheduler()), (DDIMPipeline, DDIMScheduler())], ids=["ddpm", "ddim"]
+)
+def test_one_expert_and_hard_mixtures_are_bit_identical_to_the_plain_model(pipeline_cls, scheduler):
+    import copy
+
+    expert = tiny_unet()
+    one = ExpertMixtureUNet.from_experts([expert])
+    hard = ExpertMixtureUNet.from_experts([copy.deepcopy(expert) for _ in range(3)], boundaries=[250.5, 600])
+    plain = _images(pipeline_cls, scheduler, expert, num_inference_steps=5)
+    assert (plain == _images(pipeline_cls, scheduler, one, num_inference_steps=5)).all()
+    assert (plain == _images(pipeline_cls, scheduler, hard, num_inference_steps=5)).all()
+
+
+def test_pipeline_save_load_both_ways(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from diffusers_experts import MultiExpertPipeline
+
+    mixture = tiny_mixture(3, routing="learned", num_knots=4)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = mixture(x, torch.tensor([100, 700])).sample
+    # a diffusers pipeline saves it (pickle weights too, as diffusers writes them); ours and diffusers' load it
+    DDIMPipeline(unet=mixture, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "ddim", safe_serialization=False)
+    assert (tmp_path / "ddim/unet/expert_0/diffusion_pytorch_model.bin").is_file()
+    assert (tmp_path / "ddim/unet/routing.safetensors").is_file()  # our own tensors: safetensors always
+    # ours saves it; a diffusers pipeline class loads it (DiffusionPipeline itself resolves class names in diffusers)
+    MultiExpertPipeline(unet=mixture, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "ours")
+    for loaded in (
+        DiffusionPipeline.from_pretrained(tmp_path / "ddim"),
+        MultiExpertPipeline.from_pretrained(tmp_path / "ddim"),
+        DDIMPipeline.from_pretrained(tmp_path / "ours"),
+    ):
+        assert isinstance(loaded.unet, ExpertMixtureUNet) and loaded.unet.config.routing == "learned"
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.unet(x, torch.tensor([100, 700])).sample, expected)
+
+
+def test_variant_and_sharded_round_trips(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from diffusers_experts import MultiExpertPipeline
+
+    mixture = tiny_mixture(2, routing="learned", num_knots=4)
+    state = mixture.state_dict()
+
+    def assert_same(loaded):
+        assert sorted(loaded.state_dict()) == sorted(state)
+        for name, tensor in loaded.state_dict().items():
+            assert torch.equal(tensor, state[name]), name
+
+    # variant: file names carry it; the mixture, our pipeline and diffusers' pipeline load it back
+    mixture.save_pretrained(tmp_path / "variant", variant="fp16")
+    assert (tmp_path / "variant/expert_1/diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert (tmp_path / "variant/routing.fp16.safetensors").is_file()
+    assert not (tmp_path / "variant/routing.safetensors").exists()
+    assert_same(ExpertMixtureUNet.from_pretrained(tmp_path / "variant", variant="fp16"))
+    with pytest.raises((OSError, ValueError), match="diffusion_pytorch_model"):
+        ExpertMixtureUNet.from_pretrained(tmp_path / "variant")  # no non-variant weights: an error, not a guess
+    DDIMPipeline(unet=mixture, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "pipe", variant="fp16")
+    assert (tmp_path / "pipe/unet/expert_0/diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert_same(DiffusionPipeline.from_pretrained(tmp_path / "pipe", variant="fp16").unet)
+    assert_same(MultiExpertPipeline.from_pretrained(tmp_path / "pipe", variant="fp16").unet)
+
+    # shards: each expert is split into files no larger than max_shard_size, with diffusers' index
+    DDIMPipeline(unet=mixture, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "shards", max_shard_size="100KB")
+    expert_0 = tmp_path / "shards/unet/expert_0"
+    shards = sorted(p.name for p in expert_0.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 1 and (expert_0 / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert all((expert_0 / name).stat().st_size < 200_000 for name in shards)
+    assert_same(DiffusionPipeline.from_pretrained(tmp_path / "shards").unet)
+
+
+def test_half_precision_keeps_the_routing_logits_in_float32_and_runs_in_pipelines(tmp_path):
+    mixture = tiny_mixture(3, routing="learned", num_knots=4)
+    logits = mixture.routing_logits.detach().clone()
+    mixture.save_pretrained(tmp_path)
+    for half in (
+        ExpertMixtureUNet.from_pretrained(tmp_path, torch_dtype=torch.bfloat16),
+        tiny_mixture(3, routing="learned", num_knots=4).to(torch.bfloat16),
+        tiny_mixture(3, routing="learned", num_knots=4).half().float().bfloat16(),
+    ):
+        assert half.dtype == torch.bfloat16 and half.experts[0].dtype == torch.bfloat16
+        assert half.routing_logits.dtype == torch.float32 and torch.equal(half.routing_logits, logits)
+        pipe = DDIMPipeline(unet=half, scheduler=DDIMScheduler())
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="pt").images
+        assert images.dtype == torch.bfloat16 and torch.isfinite(images.float()).all()
+    assert mixture.dtype == torch.float32
+
+
+def test_save_pretrained_names_unknown_arguments(tmp_path):
+    with pytest.raises(TypeError, match=r"Unknown argument\(s\) \['shard_size'\].*repo_id"):
+        tiny_mixture(2).save_pretrained(tmp_path, shard_size="1MB")

@@ -147,3 +147,43 @@ def test_sigma_and_snr_boundaries_round_trip():
         assert R.timestep_from_snr(a / (1 - a), alphas_cumprod) == pytest.approx(t, abs=1e-3)
     with pytest.raises(ValueError, match="outside the schedule"):
         R.timestep_from_sigma(1e6, alphas_cumprod)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float_noise_at_a_boundary_never_changes_the_owner(dtype):
+    # a timestep within 1e-4 below a boundary counts as on it (upper expert); 1e-3 below is the lower expert
+    boundaries = [250.0, 333.3333333333333, 500.0, 750.0]
+    table = torch.tensor(boundaries, dtype=torch.float64)
+    for k, b in enumerate(boundaries):
+        on = torch.tensor([b - 1e-6, b, b + 1e-6, b - 0.9e-4], dtype=dtype)
+        assert R.expert_index(on, table).tolist() == [k + 1] * 4, (b, dtype)
+        assert [R.expert_index(float(t), boundaries) for t in on] == [k + 1] * 4
+        below = torch.tensor([b - 1e-3, b - 1], dtype=dtype)
+        assert R.expert_index(below, table).tolist() == [k, k]
+    # through the sigma round trip of a DDPM schedule (t -> sigma -> t): the owner of an integer t is kept
+    alphas_cumprod = DDPMScheduler(num_train_timesteps=T).alphas_cumprod
+    integer_t = torch.tensor([249, 250, 251, 499, 500, 749, 750], dtype=torch.float64)
+    sigmas = R.noise_sigmas(alphas_cumprod)[integer_t.long()].to(dtype)
+    round_trip = R.timesteps_from_sigmas(sigmas, alphas_cumprod)
+    assert (round_trip - integer_t).abs().max() < 1e-2
+    assert torch.equal(R.expert_index(round_trip, table), R.expert_index(integer_t, table))
+
+
+def test_owned_timesteps_follow_the_tolerance_rule():
+    assert R.owned_timesteps([250.0, 500.0, 750.0], T) == [
+        range(0, 250),
+        range(250, 500),
+        range(500, 750),
+        range(750, T),
+    ]
+    assert R.owned_timesteps([333.3333333333333, 666.6666666666666], T) == [
+        range(0, 334),
+        range(334, 667),
+        range(667, T),
+    ]
+    # t = 250 is within 1e-4 below a boundary at 250.00005, so it is on it (upper expert); 250.0002 is not
+    assert R.owned_timesteps([250.00005], T)[1].start == 250 and R.owned_timesteps([250.0002], T)[1].start == 251
+    for boundaries in ([250.0, 500.0, 750.0], [100.5, 101.99999, 900.0]):
+        table = torch.tensor(boundaries, dtype=torch.float64)
+        for k, owned in enumerate(R.owned_timesteps(boundaries, T)):
+            assert R.expert_index(torch.tensor(list(owned), dtype=torch.float64), table).unique().tolist() == [k]

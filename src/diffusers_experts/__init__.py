@@ -16,6 +16,10 @@ from .models import (
 from .pipelines import MultiExpertPipeline
 from .routing import default_expertization_probs, timestep_from_sigma, timestep_from_snr
 from .schedulers import BlendedScheduler
+from .variant_lookup import install_variant_lookup
+
+
+install_variant_lookup()  # DiffusionPipeline.from_pretrained(..., variant=...) sees the experts' variant weights
 
 
 __all__ = [

@@ -7,13 +7,16 @@ Conventions (shared by training and sampling):
 
 - `N` experts, `N - 1` strictly ascending boundaries `b_1 < ... < b_{N-1}` in `(0, T)`, with `b_0 = 0`, `b_N = T`.
 - Expert `k` owns `[b_k, b_{k+1})`: expert 0 is the lowest-noise expert; a timestep equal to a boundary belongs to the
-  upper expert.
+  upper expert, and so does a timestep within `BOUNDARY_TOLERANCE` (1e-4 training timesteps) below it: float noise
+  from a CPU, a dtype or a sigma round trip never decides an owner.
+- A call is routed by the timestep it is conditioned on (the `timestep` given to the denoiser), whatever the sampler.
 - Blended routing uses cumulative "passed boundary k" ramps `s_k(t)` (increasing in t, `s_0 = 1`, `s_N = 0`) and sets
   `w_k(t) = s_k(t) - s_{k+1}(t)`. Because the ramps are ordered, the weights are >= 0 and sum to 1 for every `t`.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 
@@ -24,6 +27,9 @@ ROUTING_MODES = ("hard", "linear", "sigmoid", "learned")
 BOUNDARY_UNITS = ("auto", "timestep", "fraction")
 TIMESTEP_STRATEGIES = ("hard", "soft", "uniform")
 LEARNED_INITS = ("hard", "linear", "sigmoid")
+
+# A timestep this close below a boundary counts as on it (upper expert), in training-timestep units.
+BOUNDARY_TOLERANCE = 1e-4
 
 # MEME's expertization probabilities for 4 experts (expert 0 = lowest noise), paper Sec. "Soft Expert Strategy".
 MEME_EXPERTIZATION_PROBS = (0.8, 0.4, 0.2, 0.1)
@@ -95,8 +101,8 @@ def normalize_boundaries(
     if any(b >= c for b, c in zip(values, values[1:])):
         raise ValueError(f"`boundaries` must be strictly ascending, got {values!r}.")
     edges = [0.0, *values, float(num_train_timesteps)]
-    for k in range(num_experts):
-        if math.ceil(edges[k]) >= math.ceil(edges[k + 1]):
+    for k, owned in enumerate(owned_timesteps(values, num_train_timesteps)):
+        if len(owned) == 0:
             raise ValueError(
                 f"`boundaries` leave expert {k} the interval [{edges[k]}, {edges[k + 1]}), which holds no integer "
                 f"training timestep: {values!r}."
@@ -104,25 +110,44 @@ def normalize_boundaries(
     return values
 
 
-def timestep_from_sigma(sigma: float, alphas_cumprod: torch.Tensor) -> float:
-    """Training timestep (fractional, interpolated) whose noise level `sigma = sqrt((1 - a_t) / a_t)` equals `sigma`.
+def owned_timesteps(boundaries: Sequence[float], num_train_timesteps: int) -> list[range]:
+    """The integer training timesteps each expert owns under hard routing, expert 0 first (the tolerance rule)."""
+    starts = [0, *(math.ceil(b - BOUNDARY_TOLERANCE) for b in boundaries), num_train_timesteps]
+    return [range(low, high) for low, high in zip(starts[:-1], starts[1:])]
 
-    `alphas_cumprod` is the scheduler's `alpha_prod_t` table (e.g. `DDPMScheduler(...).alphas_cumprod`).
+
+def noise_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Noise level of every training timestep, `sigma_t = sqrt((1 - alpha_prod_t) / alpha_prod_t)`, in float64."""
+    alphas_cumprod = alphas_cumprod.double()
+    return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+
+
+def timesteps_from_sigmas(sigmas: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Fractional training timesteps (float64) with noise levels `sigmas`, clamped to `[0, T - 1]`.
+
+    Interpolates `t` linearly in `log(sigma)` over the training table, as diffusers' `_sigma_to_t` does.
+    """
+    table = noise_sigmas(alphas_cumprod).log()
+    log_sigma = sigmas.double().clamp_min(1e-20).log().reshape(-1)
+    high = torch.searchsorted(table, log_sigma).clamp(1, table.numel() - 1)
+    low = high - 1
+    frac = ((log_sigma - table[low]) / (table[high] - table[low])).clamp(0.0, 1.0)
+    return (low.double() + frac).reshape(sigmas.shape)
+
+
+def timestep_from_sigma(sigma: float, alphas_cumprod: torch.Tensor) -> float:
+    """Training timestep (fractional) whose noise level `sigma = sqrt((1 - a_t) / a_t)` equals `sigma`.
+
+    `alphas_cumprod` is the scheduler's `alpha_prod_t` table (e.g. `DDPMScheduler(...).alphas_cumprod`). Unlike
+    [`timesteps_from_sigmas`], a `sigma` outside the table's range is an error.
     """
     if sigma <= 0:
         raise ValueError(f"`sigma` must be > 0, got {sigma!r}.")
-    sigmas = ((1 - alphas_cumprod.double()) / alphas_cumprod.double()) ** 0.5
-    log_sigmas = sigmas.log()
-    target = math.log(sigma)
-    if not (log_sigmas[0] <= target <= log_sigmas[-1]):
-        raise ValueError(
-            f"`sigma`={sigma!r} is outside the schedule's range [{sigmas[0].item():.4g}, {sigmas[-1].item():.4g}]."
-        )
-    high = int(torch.searchsorted(log_sigmas, torch.tensor([target], dtype=log_sigmas.dtype)).item())
-    high = min(max(high, 1), len(log_sigmas) - 1)
-    low = high - 1
-    frac = (target - log_sigmas[low].item()) / (log_sigmas[high].item() - log_sigmas[low].item())
-    return low + frac
+    table = noise_sigmas(alphas_cumprod)
+    low, high = table[0].item(), table[-1].item()
+    if not (low * (1 - 1e-12) <= sigma <= high * (1 + 1e-12)):
+        raise ValueError(f"`sigma`={sigma!r} is outside the schedule's range [{low:.4g}, {high:.4g}].")
+    return timesteps_from_sigmas(torch.tensor(float(sigma)), alphas_cumprod).item()
 
 
 def timestep_from_snr(snr: float, alphas_cumprod: torch.Tensor) -> float:
@@ -132,9 +157,16 @@ def timestep_from_snr(snr: float, alphas_cumprod: torch.Tensor) -> float:
     return timestep_from_sigma(snr**-0.5, alphas_cumprod)
 
 
-def expert_index(timesteps: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
-    """Hard routing: index `k` with `b_k <= t < b_{k+1}` (a timestep on a boundary goes to the upper expert)."""
-    return torch.bucketize(timesteps, boundaries, right=True)
+def expert_index(timesteps, boundaries):
+    """Hard routing: the index `k` with `b_k <= t + tol < b_{k+1}` (`tol` = `BOUNDARY_TOLERANCE`).
+
+    A timestep on a boundary, or within the tolerance below it, goes to the upper expert. `timesteps` is a Python
+    number (returns an `int`; `boundaries` a sorted sequence) or a tensor (returns a long tensor of the same shape;
+    `boundaries` a float64 tensor on its device). This is the one place an owner is decided.
+    """
+    if torch.is_tensor(timesteps):
+        return torch.bucketize(timesteps.double() + BOUNDARY_TOLERANCE, boundaries.double(), right=True)
+    return bisect.bisect_right(boundaries, float(timesteps) + BOUNDARY_TOLERANCE)
 
 
 def _ramps_to_weights(ramps: torch.Tensor) -> torch.Tensor:
@@ -263,8 +295,8 @@ def sample_training_timesteps(
     num_experts = len(boundaries) + 1
     if not 0 <= expert < num_experts:
         raise ValueError(f"`expert` must be in [0, {num_experts - 1}], got {expert!r}.")
-    edges = [0.0, *boundaries, float(num_train_timesteps)]
-    low, high = math.ceil(edges[expert]), math.ceil(edges[expert + 1])
+    owned = owned_timesteps(boundaries, num_train_timesteps)[expert]
+    low, high = owned.start, owned.stop
     gen_device = generator.device if generator is not None else "cpu"
     own = torch.randint(low, high, (batch_size,), generator=generator, device=gen_device)
     if strategy == "hard":

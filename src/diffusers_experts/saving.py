@@ -1,4 +1,4 @@
-"""Atomic folder writes: a save either lands whole or leaves the previous content untouched."""
+"""Atomic writes of folders and files: a save either lands whole or leaves the previous content untouched."""
 
 from __future__ import annotations
 
@@ -36,6 +36,27 @@ def atomic_directory(target: str | os.PathLike, stale: tuple[str, ...] = ()) -> 
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path next to `path`; on success rename it onto `path` (never half-written), else delete it.
+
+    The caller writes the whole file to the yielded path (e.g. `image.save(tmp, format="PNG")`); its extension is
+    kept, so writers that pick a format from the name still work.
+    """
+    path = os.path.abspath(os.fspath(path))
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", suffix=os.path.splitext(name)[1], dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        set_default_permissions(tmp)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def set_default_permissions(path: str) -> None:

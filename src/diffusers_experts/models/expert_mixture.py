@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import bisect
 import importlib
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -16,13 +16,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import routing as R
+from ..constants import CONFIG_NAME, EXPERT_FOLDER, ROUTING_WEIGHTS_NAME, SHARED_CONFIG_KEYS, TRUSTED_LIBRARIES
 from ..saving import atomic_directory
 
 
-CONFIG_NAME = "config.json"
-ROUTING_WEIGHTS_NAME = "routing.safetensors"
-EXPERT_FOLDER = "expert_{}"
-TRUSTED_LIBRARIES = ("diffusers", "diffusers_experts")
 _REGISTERED_EXPERT_CLASSES: dict[str, type] = {}
 
 
@@ -72,6 +69,40 @@ def _class_from_model_folder(path: str) -> type:
         except ValueError:
             continue
     return resolve_expert_class(str(class_name))
+
+
+def _active(weights: torch.Tensor) -> list[int]:
+    """Experts with a non-zero weight in any row of `(batch, N)` weights."""
+    return torch.nonzero(weights.detach().gt(0).any(dim=0)).flatten().tolist()
+
+
+def _sole_owner(weights: torch.Tensor) -> int | None:
+    """The expert with weight exactly 1 in every row, if there is one and no gradient flows through the weights."""
+    used = _active(weights)
+    if len(used) == 1 and not weights.requires_grad and bool((weights[:, used[0]] == 1).all()):
+        return used[0]
+    return None
+
+
+def _routing_file_name(variant: str | None) -> str:
+    """`routing.safetensors`, or `routing.<variant>.safetensors` for a weights variant (as diffusers names them)."""
+    if variant is None:
+        return ROUTING_WEIGHTS_NAME
+    stem, extension = os.path.splitext(ROUTING_WEIGHTS_NAME)
+    return f"{stem}.{variant}{extension}"
+
+
+def _mixture_entries(directory: str | os.PathLike) -> tuple[str, ...]:
+    """Expert folders and routing files already in `directory`: replaced or removed by a new save (nothing else is)."""
+    if not os.path.isdir(directory):
+        return ()
+    stem, extension = os.path.splitext(ROUTING_WEIGHTS_NAME)
+    expert_folder = re.compile("^" + EXPERT_FOLDER.format(r"\d+") + "$")
+    return tuple(
+        name
+        for name in os.listdir(directory)
+        if expert_folder.match(name) or (name.startswith(f"{stem}.") and name.endswith(extension))
+    )
 
 
 def _sample_of(output) -> torch.Tensor:
@@ -300,7 +331,7 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
     def _shared_expert_config(experts: Sequence[nn.Module]) -> dict:
         """`sample_size`, `in_channels`, `out_channels`, `num_class_embeds` that every expert must share."""
         shared = {}
-        for key in ("in_channels", "out_channels", "sample_size", "num_class_embeds"):
+        for key in SHARED_CONFIG_KEYS:
             values = []
             for k, expert in enumerate(experts):
                 config = getattr(expert, "config", None)
@@ -323,10 +354,30 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
         return len(self.experts)
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The experts' dtype (the float32 routing logits do not count): what pipelines draw noise in."""
+        return self.experts[0].dtype
+
+    def _apply(self, fn, recurse: bool = True):
+        # `.to(dtype)`, `.half()`, `.bfloat16()` cast the experts; the learned routing logits stay float32 (a softmax
+        # of small logit differences) and only change device
+        logits = None if self.routing_logits is None else self.routing_logits.data
+        super()._apply(fn, recurse)
+        if logits is not None and self.routing_logits.dtype != logits.dtype:
+            self.routing_logits.data = logits.to(self.routing_logits.device)
+        return self
+
+    @property
     def expert_intervals(self) -> list[tuple[float, float]]:
         """`[(b_k, b_{k+1})]` per expert, in training timesteps (expert 0 = lowest noise)."""
         edges = [0.0, *self.config.boundaries, float(self.config.num_train_timesteps)]
         return list(zip(edges[:-1], edges[1:]))
+
+    @property
+    def owned_timesteps(self) -> list[range]:
+        """The integer training timesteps each expert owns under hard routing (expert 0 first), e.g.
+        `[range(0, 250), range(250, 500), ...]`; a timestep within 1e-4 below a boundary counts as on it."""
+        return R.owned_timesteps(self.config.boundaries, self.config.num_train_timesteps)
 
     def _boundaries_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (device, dtype)
@@ -382,8 +433,7 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
 
     def active_experts(self, timesteps) -> list[int]:
         """Experts with non-zero weight for any of `timesteps` (the ones a call at these timesteps runs)."""
-        weights = self.expert_weights(timesteps)
-        return [int(k) for k in torch.nonzero(weights.detach().gt(0).any(dim=0)).flatten()]
+        return _active(self.expert_weights(timesteps))
 
     def sample_training_timesteps(
         self,
@@ -419,7 +469,7 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------------ forward
 
     def _hard_owner(self, timestep) -> int | None:
-        """Expert owning a single CPU/Python timestep under hard routing (`b_k <= t < b_{k+1}`), else None."""
+        """Expert owning a single CPU/Python timestep under hard routing (no tensor work), else None."""
         if self.config.routing != "hard":
             return None
         if torch.is_tensor(timestep):
@@ -428,7 +478,7 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
             timestep = timestep.item()
         elif not isinstance(timestep, (int, float)):
             return None
-        return bisect.bisect_right(self.config.boundaries, float(timestep))
+        return R.expert_index(float(timestep), self.config.boundaries)
 
     def _check_weights(self, weights: torch.Tensor, batch_size: int) -> torch.Tensor:
         if not torch.is_tensor(weights) or tuple(weights.shape) != (batch_size, self.num_experts):
@@ -482,21 +532,24 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
         """
         batch_size = sample.shape[0]
         self._check_class_labels(class_labels)
+
+        # 1. route: a hard-routed shared timestep needs no tensor work; otherwise (batch, N) weights
+        weights = None
         owner = self._hard_owner(timestep) if expert_weights is None else None
-        if owner is not None:  # hard routing of one shared timestep: no tensor work at all
+        if owner is None:
+            if expert_weights is None:
+                weights = self.expert_weights(timestep, batch_size)
+            else:
+                weights = self._check_weights(expert_weights, batch_size)
+            owner = _sole_owner(weights)
+
+        # 2. one expert with weight 1 for the whole batch: call it as is (bit-identical to the expert alone)
+        if owner is not None:
             return self.experts[owner](sample, timestep, class_labels=class_labels, return_dict=return_dict)
-        if expert_weights is None:
-            weights = self.expert_weights(timestep, batch_size)
-        else:
-            weights = self._check_weights(expert_weights, batch_size)
 
-        # 1. one expert with weight 1 for the whole batch: call it as is (bit-identical to the expert alone)
+        # 3. otherwise each active expert on its own samples, weighted sum
         active = weights.detach().gt(0)
-        used = torch.nonzero(active.any(dim=0)).flatten().tolist()
-        if len(used) == 1 and bool((weights[:, used[0]] == 1).all()) and not weights.requires_grad:
-            return self.experts[used[0]](sample, timestep, class_labels=class_labels, return_dict=return_dict)
-
-        # 2. otherwise each expert on its own samples, weighted sum
+        used = _active(weights)
         per_sample_t = torch.is_tensor(timestep) and timestep.ndim > 0 and timestep.numel() == batch_size
         weights = weights.to(sample.device)
         active = active.to(sample.device)
@@ -510,14 +563,16 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
                 t_k = timestep.index_select(0, rows.to(timestep.device)) if per_sample_t else timestep
                 c_k = class_labels.index_select(0, rows.to(class_labels.device)) if class_labels is not None else None
                 w_k = weights[rows, k]
-            out_k = _sample_of(self.experts[k](x_k, t_k, class_labels=c_k, return_dict=True))
+            result = self.experts[k](x_k, t_k, class_labels=c_k, return_dict=True)
+            out_k = _sample_of(result)
             if output is None:
+                output_class = type(result) if hasattr(result, "sample") else UNet2DOutput
                 output = torch.zeros((batch_size, *out_k.shape[1:]), dtype=out_k.dtype, device=out_k.device)
             weighted = w_k.to(out_k.dtype).view(-1, *([1] * (out_k.ndim - 1))) * out_k
             output = output + weighted if rows.numel() == batch_size else output.index_add(0, rows, weighted)
         if not return_dict:
             return (output,)
-        return UNet2DOutput(sample=output)
+        return output_class(sample=output)
 
     # ------------------------------------------------------------------ saving and loading
 
@@ -525,45 +580,61 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
         self,
         save_directory: str | os.PathLike,
         is_main_process: bool = True,
+        save_function=None,
         safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str = "10GB",
         push_to_hub: bool = False,
         **kwargs,
     ) -> None:
         r"""
         Save the mixture config (`config.json`), learned routing parameters (`routing.safetensors`, learned routing
-        only) and each expert as a normal diffusers model folder `expert_k/` (loadable alone with its class's
-        `from_pretrained(dir, subfolder="expert_k")`). The folder is written atomically: a temporary folder is filled
-        and then swapped in, so an interrupted save leaves the previous content intact.
+        only) and each expert as a normal diffusers model folder `expert_k/`, written by the expert's own
+        `save_pretrained` (loadable alone with its class's `from_pretrained(dir, subfolder="expert_k")`). The folder is
+        written atomically: a temporary folder is filled and then swapped in, so an interrupted save leaves the
+        previous content intact.
 
         Args:
             save_directory (`str` or `os.PathLike`): Target folder (created if needed).
             is_main_process (`bool`, defaults to `True`): Only the main process writes (distributed training).
-            safe_serialization (`bool`, defaults to `True`): Must be `True`; weights are stored as safetensors only.
+            save_function (`Callable`, *optional*): Passed to each expert's `save_pretrained` (diffusers' argument).
+            safe_serialization (`bool`, defaults to `True`): Save the experts' weights as safetensors; `False` writes
+                them as diffusers writes that model (`diffusion_pytorch_model.bin`). The routing logits are always
+                safetensors.
+            variant (`str`, *optional*): Weights variant, e.g. `"fp16"` (`diffusion_pytorch_model.fp16.safetensors`,
+                `routing.fp16.safetensors`); load it back with `from_pretrained(..., variant="fp16")`.
+            max_shard_size (`int` or `str`, defaults to `"10GB"`): Largest weights file of an expert before it is
+                sharded (e.g. `"5MB"`).
             push_to_hub (`bool`, defaults to `False`): Also push to the Hub (`repo_id=...` in `kwargs`).
-            kwargs: Passed to each expert's `save_pretrained` (e.g. `variant`, `max_shard_size`).
+            kwargs: Hub options when pushing (`repo_id`, `commit_message`, `private`, `token`, `create_pr`).
         """
-        if not safe_serialization:
-            raise ValueError("`safe_serialization=False` is not supported: mixtures are saved as safetensors only.")
         if os.path.isfile(save_directory):
             raise ValueError(f"`save_directory` {os.fspath(save_directory)!r} is a file, not a folder.")
-        if push_to_hub:
-            hub_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "private", "token", "create_pr") if k in kwargs}
-            repo_id = kwargs.pop("repo_id", os.fspath(save_directory).rstrip("/").split("/")[-1])
+        hub_options = ("repo_id", "commit_message", "private", "token", "create_pr")
+        unknown = sorted(set(kwargs) - set(hub_options))
+        if unknown:
+            raise TypeError(
+                f"Unknown argument(s) {unknown} for save_pretrained; valid extra ones: {list(hub_options)}."
+            )
+        expert_kwargs = {
+            "safe_serialization": safe_serialization,
+            "variant": variant,
+            "max_shard_size": max_shard_size,
+        }
+        if save_function is not None:
+            expert_kwargs["save_function"] = save_function
         if is_main_process:
-            stale = tuple(EXPERT_FOLDER.format(k) for k in range(self.num_experts, self.num_experts + 64))
-            with atomic_directory(save_directory, stale=(*stale, ROUTING_WEIGHTS_NAME)) as tmp:
+            with atomic_directory(save_directory, stale=_mixture_entries(save_directory)) as tmp:
                 self.save_config(tmp)
                 for k, expert in enumerate(self.experts):
-                    if self._expert_is_referenced(k):
-                        continue
-                    expert.save_pretrained(
-                        os.path.join(tmp, EXPERT_FOLDER.format(k)), safe_serialization=True, **kwargs
-                    )
+                    if not self._expert_is_referenced(k):
+                        expert.save_pretrained(os.path.join(tmp, EXPERT_FOLDER.format(k)), **expert_kwargs)
                 extra = self._mixture_state_dict()
                 if extra:
-                    save_file(extra, os.path.join(tmp, ROUTING_WEIGHTS_NAME))
+                    save_file(extra, os.path.join(tmp, _routing_file_name(variant)))
         if push_to_hub:
-            self.push_to_hub(repo_id, **hub_kwargs)
+            repo_id = kwargs.pop("repo_id", os.fspath(save_directory).rstrip("/").split("/")[-1])
+            self.push_to_hub(repo_id, safe_serialization=safe_serialization, variant=variant, **kwargs)
 
     def _expert_is_referenced(self, k: int) -> bool:
         sources = self.config.expert_sources
@@ -593,7 +664,6 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
         from ..hub import load_referenced_expert, resolve_mixture_folder
 
         subfolder = kwargs.pop("subfolder", None)
-        torch_dtype = kwargs.get("torch_dtype")
         hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
         root = resolve_mixture_folder(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
         config_file = os.path.join(root, CONFIG_NAME)
@@ -621,14 +691,13 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
             experts.append(expert_cls.from_pretrained(folder, **kwargs))
         init_kwargs = {key: value for key, value in config.items() if not key.startswith("_")}
         mixture = cls(**init_kwargs, experts=experts)
-        routing_file = os.path.join(root, ROUTING_WEIGHTS_NAME)
+        routing_name = _routing_file_name(kwargs.get("variant"))
         if mixture.routing_logits is not None:
+            routing_file = os.path.join(root, routing_name)
             if not os.path.isfile(routing_file):
-                raise ValueError(f"Learned routing parameters are missing: no {ROUTING_WEIGHTS_NAME} in {root!r}.")
-            state = load_file(routing_file)
-            mixture.load_state_dict(state, strict=False)
-            if torch_dtype is not None:
-                mixture.routing_logits.data = mixture.routing_logits.data.to(torch.float32)
+                raise ValueError(f"Learned routing parameters are missing: no {routing_name} in {root!r}.")
+            mixture.load_state_dict(load_file(routing_file), strict=False)
+            mixture.routing_logits.data = mixture.routing_logits.data.float()
         mixture.eval()
         return mixture
 
