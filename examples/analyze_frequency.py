@@ -17,8 +17,8 @@ import json
 import os
 
 import torch
-import torch.nn.functional as F
 
+from diffusers_experts.constants import MODEL_INDEX_NAME
 from diffusers_experts.evaluation import (
     attention_shares,
     fourier_analysis,
@@ -29,6 +29,9 @@ from diffusers_experts.evaluation import (
     plot_routing,
     read_image_folder,
 )
+from diffusers_experts.evaluation.feature_extractor import images_to_float
+from diffusers_experts.loading import class_from_model_folder, resolve_model_folder
+from diffusers_experts.saving import atomic_file
 
 
 def parse_args(argv=None):
@@ -45,19 +48,12 @@ def parse_args(argv=None):
 
 
 def load_model(name: str):
-    """A mixture (also the `unet` of a pipeline folder) or a single diffusers model folder."""
-    from diffusers_experts import ExpertMixtureUNet
-    from diffusers_experts.hub import resolve_model_folder
-    from diffusers_experts.models.expert_mixture import _class_from_model_folder
-
+    """The model of a model folder (a mixture or a single diffusers model) or the `unet` of a pipeline folder, loaded
+    with the class its config names."""
     folder = resolve_model_folder(name)
-    if os.path.isfile(os.path.join(folder, "model_index.json")):
+    if os.path.isfile(os.path.join(folder, MODEL_INDEX_NAME)):
         folder = os.path.join(folder, "unet")
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-        class_name = json.load(f).get("_class_name")
-    if class_name == ExpertMixtureUNet.__name__:
-        return ExpertMixtureUNet.from_pretrained(folder)
-    return _class_from_model_folder(folder).from_pretrained(folder)
+    return class_from_model_folder(folder).from_pretrained(folder)
 
 
 def load_images(source: str, num_images: int, channels: int, size: int, seed: int) -> torch.Tensor:
@@ -65,12 +61,7 @@ def load_images(source: str, num_images: int, channels: int, size: int, seed: in
     images = mnist_digits(32, seed=seed)[0] if source == "mnist" else read_image_folder(source)
     if num_images > len(images):
         raise ValueError(f"`--num_images` {num_images} exceeds the {len(images)} images in {source!r}.")
-    x = images[:num_images].float() / 127.5 - 1.0
-    if x.shape[1] != channels:
-        x = x.mean(dim=1, keepdim=True) if channels == 1 else x.expand(-1, channels, -1, -1)
-    if tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-    return x
+    return images_to_float(images[:num_images], channels, size)
 
 
 def main(args) -> dict:
@@ -97,9 +88,8 @@ def main(args) -> dict:
         result["model"] = analysis.to_dict()
         plot_fourier(analysis, os.path.join(args.out, "fourier_model.png"))
     path = os.path.join(args.out, "fourier.json")
-    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
-    os.replace(f"{path}.tmp", path)
     for label, data in (result.get("experts") or {"model": result.get("model")}).items():
         summary = ", ".join(f"t={t}: {row[-1]:+.2f}" for t, row in zip(data["timesteps"], data["high_frequency"]))
         print(f"{label}: last layer, relative log amplitude at pi -> {summary}")

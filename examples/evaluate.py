@@ -28,16 +28,20 @@ import time
 
 import torch
 
+from diffusers_experts.constants import CONFIG_NAME
 from diffusers_experts.evaluation import (
     CLASSIFIER_EXTRACTOR_NAME,
+    INCEPTION_NAME,
     ReferenceClassifier,
     compute_metrics,
     count_parameters,
+    load_pipeline,
     mixture_macs_per_call,
     mnist_digits,
     read_image_folder,
     to_uint8_images,
 )
+from diffusers_experts.saving import atomic_file
 
 
 def parse_args(argv=None):
@@ -95,7 +99,7 @@ def load_reference(args) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def load_classifier(args, reference: torch.Tensor, labels: torch.Tensor | None) -> str:
     """Folder of the offline feature extractor: reloaded when saved, else trained on the labelled reference."""
-    if os.path.isfile(os.path.join(args.classifier_dir, "config.json")):
+    if os.path.isfile(os.path.join(args.classifier_dir, CONFIG_NAME)):
         return args.classifier_dir
     if labels is None:
         raise ValueError(
@@ -112,21 +116,7 @@ def load_classifier(args, reference: torch.Tensor, labels: torch.Tensor | None) 
 
 def generate(args) -> tuple[str, dict]:
     """Generate `--num_images` into `<out>/samples` (expert-major, resumable); params and MACs of the model."""
-    from diffusers_experts import BlendedScheduler, ExpertMixtureUNet, MultiExpertPipeline
-    from diffusers_experts.hub import resolve_model_folder
-    from diffusers_experts.schedulers import scheduler_from_name
-
-    folder = resolve_model_folder(args.model)
-    if os.path.isfile(os.path.join(folder, "model_index.json")):
-        pipe = MultiExpertPipeline.from_pretrained(folder)
-    else:
-        from diffusers import DDPMScheduler
-
-        mixture = ExpertMixtureUNet.from_pretrained(folder)
-        scheduler = DDPMScheduler(num_train_timesteps=mixture.config.num_train_timesteps)
-        pipe = MultiExpertPipeline(unet=mixture, scheduler=scheduler)
-    base = pipe.scheduler.base if isinstance(pipe.scheduler, BlendedScheduler) else pipe.scheduler
-    pipe.scheduler = scheduler_from_name(args.scheduler, config=base.config)
+    pipe = load_pipeline(args.model, scheduler=args.scheduler)
     pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
     sample_dir = os.path.join(args.out, "samples")
@@ -160,9 +150,7 @@ def main(args) -> dict:
     if args.model:
         samples, model_info = generate(args)
     if args.extractor == "inception":
-        extractor = dict(
-            feature_extractor="inception-v3-compat", feature_extractor_weights_path=args.inception_weights
-        )
+        extractor = dict(feature_extractor=INCEPTION_NAME, feature_extractor_weights_path=args.inception_weights)
     else:
         folder = load_classifier(args, reference, labels)
         extractor = dict(feature_extractor=CLASSIFIER_EXTRACTOR_NAME, feature_extractor_weights_path=folder)
@@ -178,9 +166,8 @@ def main(args) -> dict:
     )
     result = {**model_info, **scores, "extractor": args.extractor, "settings": vars(args)}
     path = os.path.join(args.out, "metrics.json")
-    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
-    os.replace(f"{path}.tmp", path)
 
     rows = [(k, v) for k, v in {**model_info, **scores}.items()]
     width = max(len(k) for k, _ in rows)

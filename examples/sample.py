@@ -9,16 +9,14 @@
 """
 
 import argparse
-import math
 import os
 
 import torch
-from diffusers import DDPMScheduler
-from diffusers.utils import make_image_grid
+from PIL import Image
 
-from diffusers_experts import BlendedScheduler, ExpertMixtureUNet, MultiExpertPipeline
-from diffusers_experts.hub import resolve_model_folder
-from diffusers_experts.schedulers import SCHEDULER_NAMES, scheduler_from_name
+from diffusers_experts import BlendedScheduler
+from diffusers_experts.evaluation import load_pipeline, save_image_grid
+from diffusers_experts.schedulers import SCHEDULER_NAMES
 
 
 def parse_args(argv=None):
@@ -43,26 +41,13 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_pipeline(model: str) -> MultiExpertPipeline:
-    """A pipeline folder loads as is; a bare mixture gets a DDPM noise schedule with its `num_train_timesteps`."""
-    folder = resolve_model_folder(model)
-    if os.path.isfile(os.path.join(folder, "model_index.json")):
-        return MultiExpertPipeline.from_pretrained(folder)
-    mixture = ExpertMixtureUNet.from_pretrained(folder)
-    scheduler = DDPMScheduler(num_train_timesteps=mixture.config.num_train_timesteps)
-    return MultiExpertPipeline(unet=mixture, scheduler=scheduler)
-
-
 def main(args):
-    pipe = load_pipeline(args.model)
-    base_config = pipe.scheduler.base.config if isinstance(pipe.scheduler, BlendedScheduler) else pipe.scheduler.config
-    scheduler = scheduler_from_name(args.scheduler, config=base_config)
+    if not args.blended and (args.align or args.steps_per_expert):
+        raise ValueError("`--align` / `--steps_per_expert` need `--blended`.")
+    pipe = load_pipeline(args.model, scheduler=args.scheduler)
     if args.blended:
         options = dict(align_to_boundaries=args.align, steps_per_expert=args.steps_per_expert)
-        scheduler = BlendedScheduler.from_scheduler(scheduler, **options)
-    elif args.align or args.steps_per_expert:
-        raise ValueError("`--align` / `--steps_per_expert` need `--blended`.")
-    pipe.scheduler = scheduler
+        pipe.scheduler = BlendedScheduler.from_scheduler(pipe.scheduler, **options)
     if args.offload:
         pipe.enable_expert_offload(args.offload)
     else:
@@ -76,8 +61,6 @@ def main(args):
             args.num_images, batch_size=args.batch_size, seed=args.seed, output_dir=args.out,
             class_labels=args.class_label, **call,
         )  # fmt: skip
-        from PIL import Image
-
         images = [Image.open(path) for path in result.paths[:64]]
         print(f"expert loads: {result.expert_loads}")
     else:
@@ -89,11 +72,7 @@ def main(args):
             for i, image in zip(indices, batch):
                 image.save(os.path.join(args.out, f"{i:06d}.png"))
             images.extend(batch)
-    shown = images[:64]
-    cols = math.ceil(math.sqrt(len(shown)))
-    rows = math.ceil(len(shown) / cols)
-    shown = shown + [shown[-1].copy().point(lambda _: 0)] * (rows * cols - len(shown))
-    make_image_grid(shown, rows=rows, cols=cols).save(os.path.join(args.out, "grid.png"))
+    save_image_grid(images[:64], os.path.join(args.out, "grid.png"))
     print(f"wrote {args.num_images} images and grid.png to {args.out}")
 
 

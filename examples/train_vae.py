@@ -11,28 +11,37 @@ latents have unit variance, as latent diffusion expects.
 """
 
 import argparse
-import json
 import os
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
-from tqdm.auto import tqdm
 
 from diffusers_experts.saving import atomic_directory
 from diffusers_experts.training import (
     BatchStream,
-    GeneratorState,
+    RunLog,
     build_training_dataset,
-    collate,
     make_accelerator,
+    make_dataloader,
+    make_lr_scheduler,
+    make_optimizer,
+    maybe_save_checkpoint,
+    optimizer_step,
+    optimizer_steps,
     prepare_output_dir,
+    process_generator,
     resume,
-    save_checkpoint,
 )
-from diffusers_experts.training.arguments import add_data_arguments, add_optimization_arguments, check_common_arguments
-from diffusers_experts.training.optimization import make_lr_scheduler, make_optimizer, optimizer_steps
+from diffusers_experts.training.arguments import (
+    add_data_arguments,
+    add_optimization_arguments,
+    add_output_arguments,
+    check_common_arguments,
+    parse_checked,
+)
+from diffusers_experts.training.latents import vae_downsampling_factor
 
 
 def parse_args(argv=None):
@@ -51,33 +60,23 @@ def parse_args(argv=None):
     group.add_argument("--kl_weight", type=float, default=1e-6, help="Weight of the KL term (0 = plain autoencoder).")
     add_data_arguments(parser)
     add_optimization_arguments(parser)
-    group = parser.add_argument_group("output")
-    group.add_argument("--output_dir", type=str, default="vae-model")
-    group.add_argument("--overwrite_output_dir", action="store_true")
-    group.add_argument("--checkpointing_steps", type=int, default=500)
-    group.add_argument("--checkpoints_total_limit", type=int, default=None)
-    group.add_argument("--resume_from_checkpoint", type=str, default=None)
-    group.add_argument("--logging_dir", type=str, default="logs")
-    group.add_argument("--report_to", type=str, default="tensorboard")
-    args = parser.parse_args(argv)
-    args.num_classes = None
-    args.num_preview_images = args.preview_inference_steps = args.num_train_timesteps = 1
-    args.save_images_steps, args.push_to_hub = None, False
-    try:
-        check_common_arguments(args)
-        if args.kl_weight < 0:
-            raise ValueError(f"`--kl_weight` must be >= 0, got {args.kl_weight!r}.")
-        if any(c % args.norm_num_groups for c in args.block_out_channels):
-            raise ValueError(
-                f"`--block_out_channels` {args.block_out_channels} must be divisible by `--norm_num_groups` "
-                f"{args.norm_num_groups}."
-            )
-        factor = 2 ** (len(args.block_out_channels) - 1)
-        if args.resolution % factor:
-            raise ValueError(f"`--resolution` {args.resolution} must be divisible by the downsampling {factor}.")
-    except ValueError as error:
-        parser.error(str(error))
-    return args
+    add_output_arguments(parser, default_output_dir="vae-model")
+    return parse_checked(parser, argv, check_args)
+
+
+def check_args(args):
+    """Stop on bad arguments before anything is loaded."""
+    check_common_arguments(args)
+    if args.kl_weight < 0:
+        raise ValueError(f"`--kl_weight` must be >= 0, got {args.kl_weight!r}.")
+    if any(c % args.norm_num_groups for c in args.block_out_channels):
+        raise ValueError(
+            f"`--block_out_channels` {args.block_out_channels} must be divisible by `--norm_num_groups` "
+            f"{args.norm_num_groups}."
+        )
+    factor = 2 ** (len(args.block_out_channels) - 1)
+    if args.resolution % factor:
+        raise ValueError(f"`--resolution` {args.resolution} must be divisible by the downsampling {factor}.")
 
 
 def make_vae(args, num_channels: int) -> AutoencoderKL:
@@ -124,14 +123,7 @@ def main(args):
     dataset, num_channels = build_training_dataset(args)
     accelerator = make_accelerator(args)
     prepare_output_dir(args, accelerator)
-    dataloader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        drop_last=True,
-        num_workers=args.dataloader_num_workers,
-    )
+    dataloader = make_dataloader(dataset, args)
     vae = make_vae(args, num_channels)
     optimizer = make_optimizer(vae.parameters(), args)
     total_steps = optimizer_steps(args, dataloader, accelerator)
@@ -140,16 +132,12 @@ def main(args):
     model, optimizer, lr_scheduler, dataloader = accelerator.prepare(
         VAEObjective(vae), optimizer, lr_scheduler, dataloader
     )
-    latent_size = [args.resolution // 2 ** (len(args.block_out_channels) - 1)] * 2
-    rng = GeneratorState(args.seed * 1000 + accelerator.process_index)
-    accelerator.register_for_checkpointing(rng)
-    if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("train_vae", config={k: str(v) for k, v in vars(args).items()})
+    latent_size = [args.resolution // vae_downsampling_factor(vae)] * 2
+    generator = process_generator(accelerator, args.seed)
 
     global_step = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
+    run_log = RunLog(accelerator, args, "train_vae", total_steps, initial_step=global_step)
     stream = iter(BatchStream(dataloader, start_batch=global_step * args.gradient_accumulation_steps))
-    progress = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process)
-    log_path = os.path.join(args.output_dir, "train_log.jsonl")
     while global_step < total_steps:
         model.train()
         logs = {"loss": 0.0, "reconstruction": 0.0, "kl": 0.0}
@@ -157,29 +145,18 @@ def main(args):
             batch = next(stream)
             with accelerator.accumulate(model):
                 images = batch["pixel_values"].to(accelerator.device)
-                noise = torch.randn((images.shape[0], args.latent_channels, *latent_size), generator=rng.generator)
+                noise = torch.randn((images.shape[0], args.latent_channels, *latent_size), generator=generator)
                 reconstruction, kl = model(images, noise.to(images.device))
                 rec = F.mse_loss(reconstruction.float(), images.float())
                 kl = kl / images[0].numel()  # per pixel, like the reconstruction term
                 loss = rec + args.kl_weight * kl
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(accelerator, loss, optimizer, lr_scheduler, model.parameters(), args.max_grad_norm)
             for name, value in (("loss", loss), ("reconstruction", rec), ("kl", kl)):
                 logs[name] += accelerator.gather(value.detach()).mean().item() / args.gradient_accumulation_steps
         global_step += 1
-        progress.update(1)
-        progress.set_postfix(rec=f"{logs['reconstruction']:.4f}")
-        accelerator.log(logs, step=global_step)
-        if accelerator.is_main_process:
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": global_step, **logs}) + "\n")
-        if global_step % args.checkpointing_steps == 0 or global_step == total_steps:
-            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-    progress.close()
+        run_log.step(global_step, logs, rec=f"{logs['reconstruction']:.4f}")
+        maybe_save_checkpoint(accelerator, args, global_step, total_steps)
+    run_log.close()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

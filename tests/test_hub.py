@@ -1,7 +1,10 @@
 """Hub push / pull of mixtures and experts over real HTTP, against the loopback Hub (tests/hub_server.py)."""
 
+import ast
 import itertools
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -335,3 +338,99 @@ def test_lora_experts_push_only_adapters(repo, tmp_path):
     local = LoRAExpert.from_base(tiny_unet(0), tmp_path / "local-base", rank=2)
     with pytest.raises(ValueError, match=r"Cannot push expert 0 to .*LoRA adapter on the local base model"):
         ExpertMixtureUNet.from_experts([local]).push_to_hub(f"{repo}-local")
+
+
+# ---------------------------------------------------------------------------------------------------- layering
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / "src" / "diffusers_experts"
+# DESIGN contract 10: routing <- loading <- models <- (schedulers, pipelines, evaluation) <- cards <- push. The
+# trainers' toolkit sits on top: it saves, cards and pushes what it trained (`training/export.py`).
+# A module may import its own layer and lower ones, never a higher one (not even inside a function).
+LAYERS = {
+    "constants": 0, "saving": 0, "routing": 0,
+    "loading": 1, "variant_lookup": 1, "hub_mixin": 1,
+    "models": 2,
+    "schedulers": 3, "pipelines": 3, "evaluation": 3,
+    "model_card": 4,
+    "hub": 5,
+    "training": 6,
+}  # fmt: skip
+TOP = max(LAYERS.values()) + 1  # the package `__init__`, which re-exports everything
+MODULES = sorted(
+    ".".join(("diffusers_experts", *path.relative_to(PACKAGE_DIR).with_suffix("").parts)).removesuffix(".__init__")
+    for path in PACKAGE_DIR.rglob("*.py")
+)
+
+
+def _module_file(module: str) -> Path:
+    parts = module.split(".")[1:]
+    package = PACKAGE_DIR.joinpath(*parts) / "__init__.py"
+    return package if package.is_file() else PACKAGE_DIR.joinpath(*parts).with_suffix(".py")
+
+
+def _layer(module: str) -> int:
+    """Layer of a `diffusers_experts` module, or of a name imported from the package root (`TOP`)."""
+    parts = module.split(".")
+    return LAYERS[parts[1]] if len(parts) > 1 and parts[1] in LAYERS else TOP
+
+
+def _package_imports(module: str) -> set[str]:
+    """Every `diffusers_experts` module or root-level name that `module` imports, at any depth of its code."""
+    path = _module_file(module)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(filter(None, [package.rsplit(".", node.level - 1)[0], node.module]))
+            # `from .. import routing` imports a module, `from ..models import X` a name of a module
+            found.update(base if base != "diffusers_experts" else f"{base}.{alias.name}" for alias in node.names)
+    return {name for name in found if name.split(".")[0] == "diffusers_experts"}
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m != "diffusers_experts"])
+def test_no_module_imports_a_higher_layer(module):
+    higher = sorted(name for name in _package_imports(module) if _layer(name) > _layer(module))
+    assert not higher, (
+        f"{module} (layer {_layer(module)}) imports {higher}, which sit above it. Layers (DESIGN contract 10): "
+        f"{LAYERS}; a lower layer reaches a higher one only through a registered callback (e.g. `_hub_pusher`)."
+    )
+
+
+def test_every_module_imports_alone_in_a_fresh_interpreter():
+    """Each module imported first, in its own process, with the package `__init__` (which imports everything in a
+    fixed order) replaced by an empty package: an import cycle between two modules fails here whichever comes first.
+    Third-party libraries are imported once and the process forks per module, to keep this fast."""
+    script = """
+import importlib, importlib.util, os, sys, traceback, types
+import diffusers, huggingface_hub, peft, safetensors.torch, torch  # third-party only, shared by the forks
+from diffusers import DiffusionPipeline, ModelMixin, UNet2DModel  # resolve diffusers' lazy modules once
+failed = []
+for name in sys.argv[1:]:
+    pid = os.fork()
+    if pid == 0:
+        root = types.ModuleType("diffusers_experts")
+        root.__path__ = list(importlib.util.find_spec("diffusers_experts").submodule_search_locations)
+        sys.modules["diffusers_experts"] = root
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as error:  # an optional third-party dependency, not a cycle
+            os._exit(0 if not (error.name or "").startswith("diffusers_experts") else 1)
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+        os._exit(0)
+    if os.waitpid(pid, 0)[1] != 0:
+        failed.append(name)
+print("FAILED", failed)
+"""
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+    modules = [m for m in MODULES if m != "diffusers_experts"]
+    result = subprocess.run(
+        [sys.executable, "-c", script, *modules], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0 and "FAILED []" in result.stdout, result.stdout + result.stderr

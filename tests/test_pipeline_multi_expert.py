@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from conftest import tiny_mixture, tiny_unet
 from diffusers_experts import BlendedScheduler, ExpertMixtureUNet, MultiExpertPipeline
+from diffusers_experts.pipelines import bulk_generation
 from diffusers_experts.routing import timestep_from_sigma
-from diffusers_experts.schedulers import scheduler_from_name
+from diffusers_experts.schedulers import SCHEDULER_NAMES, scheduler_from_name
 
 
 MATRIX = ["ddpm", "ddim", "dpmpp", "dpmpp-karras", "euler", "heun", "lms", "unipc"]
@@ -59,11 +60,12 @@ def noise_timestep(sigma, alphas_cumprod):
 
 
 def owner(mixture, t):
-    return int(np.searchsorted(mixture.config.boundaries, t, side="right"))
+    """The expert owning timestep `t`: boundaries passed, a boundary within 1e-4 above `t` counting as passed."""
+    return sum(t >= b - 1e-4 for b in mixture.config.boundaries)
 
 
 @pytest.mark.parametrize("name", MATRIX)
-def test_every_model_call_goes_to_the_expert_that_owns_its_noise_level(mixture4, name):
+def test_every_model_call_goes_to_the_expert_that_owns_its_timestep(mixture4, name):
     mixture = copy.deepcopy(mixture4)
     steps = 4
     for blended in (False, True):
@@ -79,8 +81,8 @@ def test_every_model_call_goes_to_the_expert_that_owns_its_noise_level(mixture4,
         for call in calls:
             # model timesteps are training timesteps up to rounding (DPM/UniPC round t(sigma) with Karras sigmas)
             assert abs(call["t"] - call["noise_t"]) <= 0.5 + 1e-3, call
-            routed_by = call["noise_t"] if blended else call["t"]
-            assert call["expert"] == owner(mixture, routed_by), (name, blended, call)
+            # routed by the timestep the call is conditioned on, with or without BlendedScheduler
+            assert call["expert"] == owner(mixture, call["t"]), (name, blended, call)
         # the schedule spans the noise range: it starts with the highest-noise expert and visits most experts
         assert calls[0]["expert"] == 3 and len({c["expert"] for c in calls}) >= 3
     if name == "heun":  # second order: the corrector call of a step is routed by its own (lower) noise level
@@ -93,7 +95,7 @@ def test_aligned_schedules_route_every_call_and_give_each_expert_its_steps(mixtu
     pipe = make_pipe(copy.deepcopy(mixture4), scheduler)
     calls = record_calls(pipe)
     pipe(batch_size=1, num_inference_steps=6, generator=torch.manual_seed(0), output_type="latent")
-    assert all(c["expert"] == owner(mixture4, c["noise_t"]) for c in calls)
+    assert all(c["expert"] == owner(mixture4, c["t"]) for c in calls)
     first_calls = calls[::2] if name == "heun" else calls  # Heun: the first call of each step
     assert [c["expert"] for c in first_calls] == [3, 3, 2, 2, 1, 0]
 
@@ -263,23 +265,58 @@ def test_generate_many_writes_pngs_resumes_and_spills_to_disk(mixture4, tmp_path
     assert not os.path.exists(tmp_path / ".intermediates")
 
 
-def test_disk_intermediates_carry_the_multistep_solver_state(mixture4, tmp_path):
+def test_disk_intermediates_carry_the_multistep_solver_state(mixture4, tmp_path, monkeypatch):
     pipe = make_pipe(mixture4, scheduler_from_name("dpmpp"))
     in_memory = pipe.generate_many(3, batch_size=2, seed=4, num_inference_steps=4).images
     spilled = []
-    park = pipe._park_latents
+    park = bulk_generation._park
 
-    def spy(run, spill, j):
-        park(run, spill, j)
+    def spy(batch, spill, j, offload):
+        park(batch, spill, j, offload)
         spilled.append(sorted(load_file(os.path.join(spill, f"batch_{j}.safetensors"))))
 
-    pipe._park_latents = spy
+    monkeypatch.setattr(bulk_generation, "_park", spy)
     on_disk = pipe.generate_many(
         3, batch_size=2, seed=4, num_inference_steps=4, output_dir=tmp_path, intermediates="disk"
     )
     assert all(np.array_equal(np.asarray(a), np.asarray(Image.open(p))) for a, p in zip(in_memory, on_disk.paths))
     # after the first step the DPM-Solver history is spilled with the latents
     assert any(key.startswith("state.model_outputs.") for keys in spilled for key in keys)
+
+
+@pytest.mark.parametrize("name", ["heun", "lms", "unipc"])
+def test_disk_intermediates_equal_the_call_for_solvers_with_state(mixture4, name, tmp_path):
+    # Heun's two calls of a step often go to different experts: its first-order state is parked between them
+    pipe = make_pipe(mixture4, scheduler_from_name(name))
+    on_disk = pipe.generate_many(
+        3, batch_size=2, seed=1, num_inference_steps=4, output_dir=tmp_path, intermediates="disk"
+    )
+    expected = [pipe(len(i), 4, per_image_generators(i, 1), output_type="pil").images for i in ([0, 1], [2])]
+    expected = [image for chunk in expected for image in chunk]
+    assert all(np.array_equal(np.asarray(a), np.asarray(Image.open(p))) for a, p in zip(expected, on_disk.paths))
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULER_NAMES))
+def test_solver_state_fields_name_every_batch_shaped_tensor_a_scheduler_keeps(name):
+    scheduler = scheduler_from_name(name)
+    assert type(scheduler).__name__ in bulk_generation.SOLVER_STATE_FIELDS
+    scheduler.set_timesteps(5)
+    latents = torch.randn(2, 3, 4, 4, generator=torch.manual_seed(0))
+    generator = torch.manual_seed(1)
+    for t in scheduler.timesteps:
+        extra = {"generator": generator} if name in ("ddpm", "euler-a") else {}
+        eps = torch.randn(latents.shape, generator=generator)
+        latents = scheduler.step(eps, t, scheduler.scale_model_input(latents, t), **extra).prev_sample
+        # what a scan of the scheduler finds shaped like the batch is exactly what the table takes away
+        state = bulk_generation.take_solver_state(scheduler)
+        leftover = [
+            key
+            for key, value in vars(scheduler).items()
+            if (torch.is_tensor(value) and value.shape == latents.shape)
+            or (isinstance(value, list) and any(torch.is_tensor(v) and v.shape == latents.shape for v in value))
+        ]
+        assert leftover == [], (name, leftover)
+        bulk_generation.put_solver_state(scheduler, state)
 
 
 @pytest.mark.parametrize("scheduler", [DDIMScheduler(), EulerDiscreteScheduler(), scheduler_from_name("heun")])

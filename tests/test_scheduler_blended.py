@@ -1,4 +1,4 @@
-"""BlendedScheduler: delegation, config round trips, boundary-aligned schedules, steps per expert, routing timesteps."""
+"""BlendedScheduler: delegation, config round trips, boundary-aligned schedules, steps per expert."""
 
 import json
 import math
@@ -17,7 +17,7 @@ from diffusers import (
 
 from conftest import tiny_mixture
 from diffusers_experts import BlendedScheduler
-from diffusers_experts.routing import timestep_from_sigma
+from diffusers_experts.routing import timesteps_from_sigmas
 from diffusers_experts.schedulers.scheduling_blended import aligned_timesteps, allocate_steps
 
 
@@ -50,13 +50,13 @@ def test_delegates_to_the_base_scheduler():
 
 def test_config_round_trips(tmp_path):
     base = DPMSolverMultistepScheduler(use_karras_sigmas=True, solver_order=3, beta_schedule="scaled_linear")
-    blended = BlendedScheduler.from_scheduler(base, steps_per_expert=[2, 3], routing_source="sigma")
+    blended = BlendedScheduler.from_scheduler(base, steps_per_expert=[2, 3])
     blended.save_pretrained(tmp_path)
     for loaded in (BlendedScheduler.from_pretrained(tmp_path), BlendedScheduler.from_config(blended.config)):
         assert isinstance(loaded.base, DPMSolverMultistepScheduler)
         assert loaded.base.config.solver_order == 3 and loaded.base.config.use_karras_sigmas
         assert loaded.base.config.beta_schedule == "scaled_linear"
-        assert loaded.config.steps_per_expert == [2, 3] and loaded.config.routing_source == "sigma"
+        assert loaded.config.steps_per_expert == [2, 3]
     # boundaries are never stored in the scheduler config (the mixture owns them)
     # the diffusers way to swap schedulers wraps the scheduler another config describes
     base.save_config(tmp_path / "dpm")
@@ -89,34 +89,45 @@ def test_steps_per_expert_and_heun_alignment(mixture):
     scheduler.set_timesteps(8, mixture=mixture)
     unique = sorted({float(t) for t in scheduler.timesteps}, reverse=True)
     assert [owner(mixture.config.boundaries, t) for t in unique] == [3, 3, 3, 3, 2, 2, 1, 0]
-    assert aligned_timesteps([500.0], 1000, [2, 2]) == [999, 749, 499, 249]
+    assert aligned_timesteps([range(0, 500), range(500, 1000)], [2, 2]) == [999, 749, 499, 249]
 
 
 def test_karras_alignment_spaces_sigmas_inside_each_expert(mixture):
     base = EulerDiscreteScheduler(use_karras_sigmas=True)
     scheduler = BlendedScheduler.from_scheduler(base, steps_per_expert=[2, 2, 3, 3])
     scheduler.set_timesteps(10, mixture=mixture)
-    routed = [float(scheduler.routing_timestep(t, step_index=i)) for i, t in enumerate(scheduler.timesteps)]
+    routed = [float(t) for t in scheduler.timesteps]  # Euler conditions the model on the noise-level timestep
     assert [owner(mixture.config.boundaries, t) for t in routed] == [3, 3, 3, 2, 2, 2, 1, 1, 0, 0]
     # each expert's last step lands on the next expert's top timestep
     assert [round(t) for t in routed if t in (999.0, 749.0, 499.0, 249.0)] == [999, 749, 499, 249]
     assert float(scheduler.sigmas[-1]) == 0.0 and torch.all(scheduler.sigmas[:-1] > scheduler.sigmas[1:])
 
 
-def test_routing_timestep_is_the_exact_noise_level_of_the_call(mixture):
-    base = DPMSolverMultistepScheduler(use_karras_sigmas=True)
-    scheduler = BlendedScheduler.from_scheduler(base)
-    scheduler.set_timesteps(7, mixture=mixture)
-    for i, t in enumerate(scheduler.timesteps):
-        routed = float(scheduler.routing_timestep(t, step_index=i))
-        sigma = float(scheduler.sigmas[i])
-        table = ((1 - base.alphas_cumprod.double()) / base.alphas_cumprod.double()) ** 0.5
-        expected = timestep_from_sigma(min(max(sigma, table[0].item()), table[-1].item()), base.alphas_cumprod)
-        assert abs(routed - expected) < 1e-3
-        assert abs(routed - float(t)) <= 0.5  # DPM hands the model the rounded value
-    ddim = BlendedScheduler.from_scheduler(DDIMScheduler())
-    ddim.set_timesteps(4, mixture=mixture)
-    assert [float(ddim.routing_timestep(t)) for t in ddim.timesteps] == [float(t) for t in ddim.timesteps]
+def test_the_model_is_given_the_timesteps_of_the_base_scheduler(mixture):
+    # routing is the mixture's: the wrapper hands the model the base scheduler's own timesteps and routes nothing
+    for base in (DPMSolverMultistepScheduler(use_karras_sigmas=True), DDIMScheduler(), EulerDiscreteScheduler()):
+        scheduler = BlendedScheduler.from_scheduler(base)
+        scheduler.set_timesteps(7, mixture=mixture)
+        base.set_timesteps(7)
+        assert torch.equal(scheduler.timesteps, base.timesteps)
+        assert not hasattr(scheduler, "routing_timestep")
+    # DPM++ with Karras sigmas gives the model the rounded noise-level timestep (the mixture routes by that one)
+    karras = BlendedScheduler.from_scheduler(DPMSolverMultistepScheduler(use_karras_sigmas=True))
+    karras.set_timesteps(7, mixture=mixture)
+    noise_t = timesteps_from_sigmas(karras.sigmas[:-1], karras.alphas_cumprod)
+    assert torch.all((karras.timesteps.double() - noise_t).abs() <= 0.5)
+
+
+def test_routing_source_of_an_old_config_is_dropped_with_a_warning(tmp_path):
+    BlendedScheduler.from_scheduler(DDPMScheduler(), steps_per_expert=[1, 2]).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "scheduler_config.json").read_text())
+    assert "routing_source" not in saved
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({**saved, "routing_source": "sigma"}))
+    with pytest.warns(FutureWarning, match="`routing_source`='sigma' in this BlendedScheduler config is ignored"):
+        loaded = BlendedScheduler.from_pretrained(tmp_path)
+    assert "routing_source" not in loaded.config and loaded.config.steps_per_expert == [1, 2]
+    loaded.save_pretrained(tmp_path / "again")
+    assert "routing_source" not in json.loads((tmp_path / "again" / "scheduler_config.json").read_text())
 
 
 def test_bad_input(mixture):
@@ -146,8 +157,8 @@ def test_bad_input(mixture):
         BlendedScheduler.from_scheduler(DDPMScheduler(num_train_timesteps=500)).set_timesteps(4, mixture=mixture)
     with pytest.raises(ValueError, match="`num_inference_steps` \\(3\\) must be >= the number of experts"):
         BlendedScheduler.from_scheduler(DDPMScheduler(), align_to_boundaries=True).set_timesteps(3, mixture=mixture)
-    with pytest.raises(ValueError, match="`routing_source`"):
-        BlendedScheduler.from_scheduler(DDPMScheduler(), routing_source="sigmas")
+    with pytest.raises(TypeError, match=r"Unknown BlendedScheduler option\(s\) \['routing_source'\]"):
+        BlendedScheduler.from_scheduler(DDPMScheduler(), routing_source="sigma")
     with pytest.raises(TypeError, match="already a BlendedScheduler"):
         BlendedScheduler.from_scheduler(BlendedScheduler())
     with pytest.raises(TypeError, match="Unknown BlendedScheduler option"):

@@ -2,7 +2,9 @@
 
 __version__ = "0.1.0"
 
-from .hub import load_expert, push_experts_to_hub, push_mixture_to_hub, save_model_cards
+from .hub import push_experts_to_hub, push_mixture_to_hub  # also registers the models' `push_to_hub` pusher
+from .loading import load_expert
+from .model_card import save_model_cards
 from .models import (
     ExpertMixtureUNet,
     IFormerBlock,

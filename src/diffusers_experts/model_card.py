@@ -8,13 +8,16 @@ A test keeps the two byte-identical.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from importlib import resources
 
+from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
-from .saving import set_default_permissions
+from .constants import EXPERT_FOLDER
+from .loading import repo_path
+from .models import ExpertMixtureUNet
+from .saving import atomic_file
 
 
 PACKAGE_URL = "https://github.com/diffusers-experts/diffusers-experts"
@@ -156,17 +159,13 @@ def _hub_link(repo_id: str, subfolder: str | None = None) -> str:
     return f"[{repo_id}]({url})"
 
 
-def _join_folder(*parts: str | None) -> str:
-    return "/".join(p for p in parts if p)
-
-
 def _expert_rows(mixture, metadata: dict, subfolder: str | None = None) -> list[dict]:
     """One row per expert for the mixture card."""
     sources = mixture.config.expert_sources or [None] * mixture.num_experts
     per_expert = metadata.get("experts") or [None] * mixture.num_experts
     rows = []
     for k, ((start, end), class_name) in enumerate(zip(mixture.expert_intervals, _expert_class_names(mixture))):
-        folder = f"`{_join_folder(subfolder, f'expert_{k}')}/`"
+        folder = f"`{repo_path(subfolder, EXPERT_FOLDER.format(k))}/`"
         entry = per_expert[k] or {}
         source = sources[k]
         if source is not None:
@@ -207,10 +206,8 @@ def _boundaries_text(config) -> str:
     return "[" + ", ".join(_format_value(float(b)) for b in config.boundaries) + "]" if config.boundaries else "none"
 
 
-def _find_mixture(model) -> tuple[object, str | None, object | None]:
+def find_mixture(model) -> tuple[ExpertMixtureUNet, str | None, object | None]:
     """(mixture, its subfolder in a pipeline folder or None, pipeline or None) for a mixture or a pipeline."""
-    from .models.expert_mixture import ExpertMixtureUNet
-
     if isinstance(model, ExpertMixtureUNet):
         return model, None, None
     components = getattr(model, "components", None)
@@ -232,9 +229,7 @@ def mixture_model_card(model, metadata: Mapping | None = None):
         model (`ExpertMixtureUNet` or `MultiExpertPipeline`): What the card describes.
         metadata (`dict`, *optional*): Training facts and Hub ids, keys listed in `METADATA_KEYS`.
     """
-    from huggingface_hub import ModelCard, ModelCardData
-
-    mixture, subfolder, pipeline = _find_mixture(model)
+    mixture, subfolder, pipeline = find_mixture(model)
     meta = _check_metadata(metadata, mixture.num_experts)
     config = mixture.config
     repo_id = meta.get("repo_id")
@@ -262,7 +257,8 @@ def mixture_model_card(model, metadata: Mapping | None = None):
             "from diffusers_experts import ExpertMixtureUNet\n\n"
             f"mixture = ExpertMixtureUNet.from_pretrained({name})\n"
             "# one expert alone, e.g. the highest-noise one:\n"
-            f'# {classes[-1].rpartition(".")[2]}.from_pretrained({name}, subfolder="expert_{mixture.num_experts - 1}")'
+            f"# {classes[-1].rpartition('.')[2]}.from_pretrained("
+            f'{name}, subfolder="{EXPERT_FOLDER.format(mixture.num_experts - 1)}")'
         )
     kind = "Multi-expert diffusion pipeline" if pipeline is not None else "Expert mixture"
     return ModelCard.from_template(
@@ -304,9 +300,7 @@ def expert_model_card(
         expert_repo_id (`str`, *optional*): Repo the expert is pushed to on its own (usage snippet).
         subfolder (`str`, *optional*): The expert's folder in the mixture repo, when it lives there (usage snippet).
     """
-    from huggingface_hub import ModelCard, ModelCardData
-
-    mixture, _, _ = _find_mixture(mixture)
+    mixture, _, _ = find_mixture(mixture)
     if not isinstance(k, int) or not 0 <= k < mixture.num_experts:
         raise ValueError(f"`k` must be an expert index in [0, {mixture.num_experts - 1}], got {k!r}.")
     meta = _check_metadata(metadata, mixture.num_experts)
@@ -360,19 +354,11 @@ def expert_model_card(
     )
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    """Write `path` through a temporary file and a rename, so it is never half-written."""
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        set_default_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def _save_card(card: ModelCard, path: str) -> str:
+    """Write `card` to `path` atomically (temporary file + rename): never half-written."""
+    with atomic_file(path) as tmp:
+        card.save(tmp)
+    return path
 
 
 def save_model_cards(save_directory: str | os.PathLike, mixture, metadata: Mapping | None = None) -> list[str]:
@@ -396,32 +382,26 @@ def save_model_cards(save_directory: str | os.PathLike, mixture, metadata: Mappi
 
     Example:
         ```py
-        >>> from diffusers_experts.hub import save_model_cards
+        >>> from diffusers_experts import save_model_cards
         >>> mixture.save_pretrained("my-mixture")
         >>> save_model_cards("my-mixture", mixture, {"training_steps": 20000, "metrics": {"fid": 11.2}})
         ```
     """
     root = os.fspath(save_directory)
-    found, subfolder, _ = _find_mixture(mixture)
+    found, subfolder, _ = find_mixture(mixture)
     mixture_dir = os.path.join(root, subfolder) if subfolder else root
     if not os.path.isdir(mixture_dir):
         raise ValueError(
             f"`save_directory` {root!r} has no saved mixture folder {mixture_dir!r}: save the model first."
         )
-    written = []
-    path = os.path.join(root, MODEL_CARD_NAME)
-    _write_text_atomic(path, str(mixture_model_card(mixture, metadata)))
-    written.append(path)
+    written = [_save_card(mixture_model_card(mixture, metadata), os.path.join(root, MODEL_CARD_NAME))]
     sources = found.config.expert_sources or [None] * found.num_experts
     for k in range(found.num_experts):
         if sources[k] is not None:
             continue
-        folder = os.path.join(mixture_dir, f"expert_{k}")
+        folder = os.path.join(mixture_dir, EXPERT_FOLDER.format(k))
         if not os.path.isdir(folder):
             raise ValueError(f"Expert {k} has no folder {folder!r}: save the model before writing its cards.")
-        expert_subfolder = "/".join(p for p in (subfolder, f"expert_{k}") if p)
-        card = expert_model_card(found, k, metadata, subfolder=expert_subfolder)
-        path = os.path.join(folder, MODEL_CARD_NAME)
-        _write_text_atomic(path, str(card))
-        written.append(path)
+        card = expert_model_card(found, k, metadata, subfolder=repo_path(subfolder, EXPERT_FOLDER.format(k)))
+        written.append(_save_card(card, os.path.join(folder, MODEL_CARD_NAME)))
     return written

@@ -11,14 +11,12 @@ extend diffusers); [`uninstall_variant_lookup`] puts diffusers' own function bac
 from __future__ import annotations
 
 import os
-import re
 
 from diffusers.pipelines import pipeline_utils
 
-from .constants import EXPERT_FOLDER
+from .loading import is_expert_folder
 
 
-_EXPERT_FOLDER = re.compile("^" + EXPERT_FOLDER.format(r"\d+") + "$")
 _DIFFUSERS_LOOKUP = pipeline_utils._identify_model_variants
 
 
@@ -29,7 +27,7 @@ def _holds_variant(folder: str, variant: str, look_into_experts: bool = True) ->
         if len(parts) > 1 and parts[1].startswith(variant):  # diffusers' own rule: `<name>.<variant>...`
             return True
         path = os.path.join(folder, name)
-        if look_into_experts and _EXPERT_FOLDER.match(name) and os.path.isdir(path):
+        if look_into_experts and is_expert_folder(name) and os.path.isdir(path):
             if _holds_variant(path, variant, look_into_experts=False):
                 return True
     return False

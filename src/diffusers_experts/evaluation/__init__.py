@@ -1,4 +1,5 @@
-"""Evaluation: complexity (params / MACs), sample-quality metrics (torch-fidelity), Fourier analysis and plots.
+"""Evaluation: complexity (params / MACs), sample-quality metrics (torch-fidelity), Fourier analysis, plots, the
+bundled MNIST digits, and loading a trained model to sample from.
 
 Nothing here imports matplotlib at import time (the plotting functions import it when called).
 """
@@ -19,8 +20,15 @@ from .fourier import (
     fourier_analysis,
     relative_log_amplitude,
 )
-from .metrics import INCEPTION_WEIGHTS_URL, ImageTensorDataset, compute_metrics, read_image_folder, to_uint8_images
-from .mnist import mnist_digits
+from .metrics import (
+    INCEPTION_NAME,
+    INCEPTION_WEIGHTS_URL,
+    ImageTensorDataset,
+    compute_metrics,
+    read_image_folder,
+    to_uint8_images,
+)
+from .mnist import MNIST_NUM_CLASSES, MNIST_NUM_DIGITS, mnist_digits
 from .plots import (
     attention_shares,
     plot_attention_shares,
@@ -29,14 +37,18 @@ from .plots import (
     plot_routing,
     save_image_grid,
 )
+from .trained_model import load_pipeline
 
 
 __all__ = [
     "CLASSIFIER_EXTRACTOR_NAME",
     "ClassifierFeatureExtractor",
     "FourierAnalysis",
+    "INCEPTION_NAME",
     "INCEPTION_WEIGHTS_URL",
     "ImageTensorDataset",
+    "MNIST_NUM_CLASSES",
+    "MNIST_NUM_DIGITS",
     "ReferenceClassifier",
     "attention_flop_formulas",
     "attention_shares",
@@ -46,10 +58,11 @@ __all__ = [
     "default_fourier_layers",
     "expert_macs",
     "fourier_analysis",
+    "load_pipeline",
     "measure_macs",
     "mixture_macs_per_call",
-    "mnist_digits",
     "mixture_macs_schedule",
+    "mnist_digits",
     "plot_attention_shares",
     "plot_fourier",
     "plot_fourier_experts",

@@ -113,6 +113,11 @@ def measure_macs(
         raise ValueError(f"`sample` must be a 4-D tensor (batch, channels, height, width), got {shape}.")
     if class_labels is not None:
         forward_kwargs["class_labels"] = class_labels
+    return _macs(model, sample, timestep, **forward_kwargs)
+
+
+def _macs(model: nn.Module, sample: torch.Tensor, timestep, **forward_kwargs) -> int:
+    """MACs of one forward call, attention included (FLOPs counted by `FlopCounterMode`, halved)."""
     counter = flop_counter.FlopCounterMode(display=False, custom_mapping=attention_flop_formulas())
     with torch.no_grad(), counter:
         model(sample, timestep, **forward_kwargs)
@@ -120,9 +125,9 @@ def measure_macs(
 
 
 def _check_mixture(mixture) -> None:
-    if not (hasattr(mixture, "experts") and hasattr(mixture, "expert_weights")):
+    if not (hasattr(mixture, "experts") and hasattr(mixture, "active_experts")):
         raise TypeError(
-            f"`mixture` must be an ExpertMixtureUNet (with `experts` and `expert_weights`), got {type(mixture).__name__}."
+            f"`mixture` must be an ExpertMixtureUNet (with `experts` and `active_experts`), got {type(mixture).__name__}."
         )
 
 
@@ -140,10 +145,14 @@ def expert_macs(
 ) -> list[int]:
     """MACs of one call of each expert of `mixture` alone on a batch of `sample_shape` (attention included)."""
     _check_mixture(mixture)
-    shape = _sample_shape(sample_shape)
+    return _expert_macs(mixture, _sample_shape(sample_shape), class_labels, timestep)
+
+
+def _expert_macs(mixture, shape: tuple[int, ...], class_labels: torch.Tensor | None, timestep: int = 0) -> list[int]:
     param = next(mixture.parameters())
     sample = torch.zeros(shape, device=param.device, dtype=param.dtype)
-    return [measure_macs(expert, sample, timestep, class_labels=class_labels) for expert in mixture.experts]
+    kwargs = {} if class_labels is None else {"class_labels": class_labels}
+    return [_macs(expert, sample, timestep, **kwargs) for expert in mixture.experts]
 
 
 def mixture_macs_schedule(
@@ -152,19 +161,20 @@ def mixture_macs_schedule(
     sample_shape: Sequence[int],
     class_labels: torch.Tensor | None = None,
 ) -> list[int]:
-    """MACs of the mixture's call at each of `timesteps`: the sum over the experts with non-zero weight there.
+    """MACs of the mixture's call at each of `timesteps`: the sum over the experts that run there
+    (`mixture.active_experts`).
 
-    Expert costs do not depend on `t`, so each expert is measured once (see [`expert_macs`]) and the schedule only
-    decides which experts run. The mixture's own weighting arithmetic is elementwise and not counted.
+    Expert costs do not depend on `t`, so each expert is measured once (see [`expert_macs`]) and the mixture decides
+    which experts run. The mixture's own weighting arithmetic is elementwise and not counted.
     """
     _check_mixture(mixture)
+    shape = _sample_shape(sample_shape)
     t = torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1)
     if t.numel() == 0:
         raise ValueError("`timesteps` must hold at least one timestep, got an empty sequence.")
-    per_expert = expert_macs(mixture, sample_shape, class_labels=class_labels)
+    per_expert = _expert_macs(mixture, shape, class_labels)
     with torch.no_grad():
-        active = mixture.expert_weights(t).detach().cpu().gt(0)
-    return [sum(m for m, a in zip(per_expert, row.tolist()) if a) for row in active]
+        return [sum(per_expert[k] for k in mixture.active_experts(step)) for step in t]
 
 
 def mixture_macs_per_call(

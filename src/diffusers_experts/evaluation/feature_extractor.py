@@ -29,7 +29,8 @@ CLASSIFIER_FEATURES = ("features", "logits")
 
 
 def images_to_float(images: torch.Tensor, in_channels: int, sample_size: int) -> torch.Tensor:
-    """uint8 (or [0, 255] float) images `(B, C, H, W)`, C in {1, 3} -> float in [-1, 1] of the classifier's shape."""
+    """uint8 (or [0, 255] float) images `(B, C, H, W)`, C in {1, 3} -> float in [-1, 1] with `in_channels` (grey is
+    repeated, colour averaged) and `sample_size` (bilinear, antialiased): what a model of that shape reads."""
     x = images.float() / 127.5 - 1.0
     if x.shape[1] != in_channels:
         if in_channels == 1 and x.shape[1] == 3:
@@ -37,7 +38,7 @@ def images_to_float(images: torch.Tensor, in_channels: int, sample_size: int) ->
         elif in_channels == 3 and x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         else:
-            raise ValueError(f"Images have {x.shape[1]} channels; the classifier takes {in_channels} (1 or 3).")
+            raise ValueError(f"Images have {x.shape[1]} channels; the model takes {in_channels} (1 or 3).")
     if tuple(x.shape[-2:]) != (sample_size, sample_size):
         x = F.interpolate(x, size=(sample_size, sample_size), mode="bilinear", align_corners=False, antialias=True)
     return x

@@ -6,8 +6,13 @@ import torch
 import torch.nn.functional as F
 
 
+MNIST_NUM_CLASSES = 10
+MNIST_NUM_DIGITS = 5000
+
+
 def mnist_digits(image_size: int = 32, seed: int | None = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(images, labels)`: uint8 digits `(5000, 1, S, S)` and int64 labels, shuffled with `seed` (`None`: file order).
+    """`(images, labels)`: uint8 digits `(5000, 1, S, S)` and int64 labels, shuffled with `seed` (`None`: file order,
+    which is sorted by label: shuffle before taking a subset or a split).
 
     `image_size=32` pads the 28x28 digits by 2 pixels on each side (the usual way to run a 32x32 U-Net on MNIST);
     any other size resizes them (bilinear, antialiased).

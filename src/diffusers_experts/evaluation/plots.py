@@ -5,14 +5,18 @@ matplotlib is imported inside the functions (Agg back end), never at package imp
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from diffusers.utils import make_image_grid
 from PIL import Image
 
+from ..saving import atomic_file
 from .fourier import FourierAnalysis
+from .metrics import to_uint8_images
 
 
 __all__ = [
@@ -35,15 +39,14 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike) -> str:
-    """Write the figure to `path` atomically (temp file + rename) and close it."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-    os.replace(tmp, path)
-    return path
+    """Write the figure to `path` as a PNG (atomically) and close it."""
+    try:
+        fig.tight_layout()
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    finally:
+        _pyplot().close(fig)
+    return os.fspath(path)
 
 
 def plot_routing(mixture, path: str | os.PathLike, num_points: int = 1000, title: str | None = None) -> str:
@@ -151,25 +154,26 @@ def plot_fourier_experts(
     return _save(fig, path)
 
 
-def save_image_grid(images, path: str | os.PathLike, columns: int = 8) -> str:
-    """Save images (uint8 or [0, 1] float, `(N, C, H, W)` or channels last) as one PNG grid."""
-    from .metrics import to_uint8_images
+def save_image_grid(images, path: str | os.PathLike, columns: int | None = None, scale: int = 1) -> str:
+    """Tile `images` into one PNG at `path` (written atomically) with `diffusers.utils.make_image_grid`; returns `path`.
 
+    `images`: any form [`~diffusers_experts.evaluation.to_uint8_images`] takes (uint8 or [0, 1] floats, channels first
+    or last, as pipelines return them; a list of PIL images). `columns` defaults to `ceil(sqrt(n))`; missing tiles of
+    the last row are black; `scale` enlarges the grid by pixel repetition. Grey images give a grey PNG.
+    """
     x = to_uint8_images(images, "images")
     if x.shape[0] == 0:
         raise ValueError("`images` is empty.")
-    n, c, h, w = x.shape
-    columns = min(columns, n)
-    rows = -(-n // columns)
-    grid = torch.zeros((c, rows * h, columns * w), dtype=torch.uint8)
-    for i in range(n):
-        r, col = divmod(i, columns)
-        grid[:, r * h : (r + 1) * h, col * w : (col + 1) * w] = x[i]
-    array = grid.permute(1, 2, 0).numpy()
-    image = Image.fromarray(array[..., 0] if c == 1 else array)
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    image.save(tmp)
-    os.replace(tmp, path)
-    return path
+    n, channels, height, width = x.shape
+    columns = min(columns or math.ceil(math.sqrt(n)), n)
+    rows = math.ceil(n / columns)
+    tiles = [Image.fromarray(image.permute(1, 2, 0).squeeze(-1).numpy()) for image in x]
+    tiles += [Image.new(tiles[0].mode, (width, height))] * (rows * columns - n)
+    grid = make_image_grid(tiles, rows=rows, cols=columns)  # always RGB
+    if channels == 1:
+        grid = grid.convert("L")  # exact: the three channels of a grey tile are equal
+    if scale > 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    with atomic_file(path) as tmp:
+        grid.save(tmp)
+    return os.fspath(path)

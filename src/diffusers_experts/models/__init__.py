@@ -1,4 +1,5 @@
-from .expert_mixture import ExpertMixtureUNet, register_expert_class, resolve_expert_class
+from ..loading import register_expert_class, resolve_expert_class
+from .expert_mixture import ExpertMixtureUNet
 from .iformer import IFormerBlock
 from .iunet_2d import IUNet2DModel, meme_expert_config, meme_high_ratios
 from .lora_expert import LoRAExpert

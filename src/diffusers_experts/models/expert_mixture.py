@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-import json
 import os
-import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -16,59 +13,21 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import routing as R
-from ..constants import CONFIG_NAME, EXPERT_FOLDER, ROUTING_WEIGHTS_NAME, SHARED_CONFIG_KEYS, TRUSTED_LIBRARIES
+from ..constants import EXPERT_FOLDER, SHARED_CONFIG_KEYS
+from ..hub_mixin import HubPushMixin
+from ..loading import (
+    check_expert_source,
+    class_from_model_folder,
+    expert_class_name,
+    is_mixture_entry,
+    load_referenced_expert,
+    pop_hub_options,
+    read_model_config,
+    resolve_expert_class,
+    resolve_mixture_folder,
+    routing_weights_name,
+)
 from ..saving import atomic_directory
-
-
-_REGISTERED_EXPERT_CLASSES: dict[str, type] = {}
-
-
-def expert_class_name(cls: type) -> str:
-    """`"<top-level package>.<class name>"`, the name stored in a mixture config (e.g. `"diffusers.UNet2DModel"`)."""
-    return f"{cls.__module__.split('.')[0]}.{cls.__name__}"
-
-
-def register_expert_class(cls: type) -> type:
-    """Allow a custom `ModelMixin` denoiser class as a mixture expert when loading; usable as a class decorator."""
-    if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
-        raise TypeError(f"`cls` must be a subclass of diffusers' ModelMixin, got {cls!r}.")
-    _REGISTERED_EXPERT_CLASSES[expert_class_name(cls)] = cls
-    return cls
-
-
-def resolve_expert_class(name: str) -> type:
-    """The expert class named `name`, from an allow-list: never imports an arbitrary module named in a file.
-
-    Allowed: `ModelMixin` classes exported at the top level of `diffusers` or `diffusers_experts`, and classes
-    registered with [`register_expert_class`].
-    """
-    if name in _REGISTERED_EXPERT_CLASSES:
-        return _REGISTERED_EXPERT_CLASSES[name]
-    library, _, class_name = str(name).rpartition(".")
-    if library in TRUSTED_LIBRARIES:
-        candidate = getattr(importlib.import_module(library), class_name, None)
-        if isinstance(candidate, type) and issubclass(candidate, ModelMixin):
-            return candidate
-    raise ValueError(
-        f"Unknown expert class {name!r}. Valid choices: a ModelMixin class exported by {list(TRUSTED_LIBRARIES)} "
-        f"(e.g. 'diffusers.UNet2DModel', 'diffusers_experts.IUNet2DModel') or one registered with "
-        f"`register_expert_class` ({sorted(_REGISTERED_EXPERT_CLASSES)})."
-    )
-
-
-def _class_from_model_folder(path: str) -> type:
-    """Expert class of a saved diffusers model folder, from its config's `_class_name`."""
-    config_file = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(config_file):
-        raise ValueError(f"Expert path {path!r} has no {CONFIG_NAME}: not a saved diffusers model folder.")
-    with open(config_file, encoding="utf-8") as f:
-        class_name = json.load(f).get("_class_name")
-    for library in ("diffusers_experts", "diffusers"):
-        try:
-            return resolve_expert_class(f"{library}.{class_name}")
-        except ValueError:
-            continue
-    return resolve_expert_class(str(class_name))
 
 
 def _active(weights: torch.Tensor) -> list[int]:
@@ -84,25 +43,11 @@ def _sole_owner(weights: torch.Tensor) -> int | None:
     return None
 
 
-def _routing_file_name(variant: str | None) -> str:
-    """`routing.safetensors`, or `routing.<variant>.safetensors` for a weights variant (as diffusers names them)."""
-    if variant is None:
-        return ROUTING_WEIGHTS_NAME
-    stem, extension = os.path.splitext(ROUTING_WEIGHTS_NAME)
-    return f"{stem}.{variant}{extension}"
-
-
 def _mixture_entries(directory: str | os.PathLike) -> tuple[str, ...]:
     """Expert folders and routing files already in `directory`: replaced or removed by a new save (nothing else is)."""
     if not os.path.isdir(directory):
         return ()
-    stem, extension = os.path.splitext(ROUTING_WEIGHTS_NAME)
-    expert_folder = re.compile("^" + EXPERT_FOLDER.format(r"\d+") + "$")
-    return tuple(
-        name
-        for name in os.listdir(directory)
-        if expert_folder.match(name) or (name.startswith(f"{stem}.") and name.endswith(extension))
-    )
+    return tuple(name for name in os.listdir(directory) if is_mixture_entry(name))
 
 
 def _sample_of(output) -> torch.Tensor:
@@ -114,7 +59,7 @@ def _sample_of(output) -> torch.Tensor:
     return output
 
 
-class ExpertMixtureUNet(ModelMixin, ConfigMixin):
+class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
     r"""
     A mixture of N expert denoisers routed by timestep: expert `k` owns the training timesteps
     `[b_k, b_{k+1})` (`b_0 = 0`, `b_N = T`; expert 0 is the lowest-noise expert; a timestep on a boundary belongs to
@@ -228,7 +173,6 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
         self.register_to_config(boundaries=normalized, blend_width=blend_width)
 
         self.experts = nn.ModuleList(experts)
-        self.gradient_checkpointing = False
         self._boundary_cache: dict[tuple, torch.Tensor] = {}
         if routing == "learned":
             if not (isinstance(num_knots, int) and num_knots >= 2):
@@ -300,8 +244,6 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
     @staticmethod
     def _load_experts(experts: Sequence, expert_sources: Sequence | None) -> tuple[list, list]:
         """(expert models, per-expert reference or None) for `from_experts`: loads paths, repo ids and references."""
-        from ..hub import check_expert_source, load_referenced_expert
-
         if expert_sources is not None and any(isinstance(e, Mapping) for e in experts):
             raise ValueError(
                 "Pass expert references either as dict entries of `experts` or as `expert_sources`, not both."
@@ -315,7 +257,7 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
             elif isinstance(expert, (str, os.PathLike)) and not os.path.isdir(os.fspath(expert)):
                 expert = load_referenced_expert({"repo_id": os.fspath(expert)}, k, mixture_config=fit_config)
             elif isinstance(expert, (str, os.PathLike)):
-                expert = _class_from_model_folder(os.fspath(expert)).from_pretrained(os.fspath(expert))
+                expert = class_from_model_folder(os.fspath(expert)).from_pretrained(os.fspath(expert))
             if not isinstance(expert, ModelMixin):
                 raise TypeError(
                     f"`experts[{k}]` must be a diffusers ModelMixin denoiser (e.g. UNet2DModel, IUNet2DModel), a "
@@ -631,7 +573,7 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
                         expert.save_pretrained(os.path.join(tmp, EXPERT_FOLDER.format(k)), **expert_kwargs)
                 extra = self._mixture_state_dict()
                 if extra:
-                    save_file(extra, os.path.join(tmp, _routing_file_name(variant)))
+                    save_file(extra, os.path.join(tmp, routing_weights_name(variant)))
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", os.fspath(save_directory).rstrip("/").split("/")[-1])
             self.push_to_hub(repo_id, safe_serialization=safe_serialization, variant=variant, **kwargs)
@@ -661,27 +603,16 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
             kwargs: Hub options (`revision`, `cache_dir`, `local_files_only`, `token`) and options passed to each
                 expert's `from_pretrained`.
         """
-        from ..hub import load_referenced_expert, resolve_mixture_folder
-
         subfolder = kwargs.pop("subfolder", None)
-        hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
-        root = resolve_mixture_folder(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
-        config_file = os.path.join(root, CONFIG_NAME)
-        if not os.path.isfile(config_file):
-            raise ValueError(f"No {CONFIG_NAME} in {root!r}: not a saved ExpertMixtureUNet.")
-        with open(config_file, encoding="utf-8") as f:
-            config = json.load(f)
-        if config.get("_class_name") != cls.__name__:
-            raise ValueError(
-                f"{config_file!r} describes a {config.get('_class_name')!r}, not an {cls.__name__}; load it with its "
-                f"own class."
-            )
+        hub_options = pop_hub_options(kwargs)
+        root = resolve_mixture_folder(pretrained_model_name_or_path, subfolder=subfolder, **hub_options)
+        config = read_model_config(cls, root)
         sources = config.get("expert_sources") or [None] * len(config["expert_classes"])
         experts = []
         for k, class_name in enumerate(config["expert_classes"]):
             expert_cls = resolve_expert_class(class_name)
             if sources[k] is not None:
-                experts.append(load_referenced_expert(sources[k], k, expert_cls, config, hub_kwargs, kwargs))
+                experts.append(load_referenced_expert(sources[k], k, expert_cls, config, hub_options, kwargs))
                 continue
             folder = os.path.join(root, EXPERT_FOLDER.format(k))
             if not os.path.isdir(folder):
@@ -689,9 +620,8 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
                     f"Expert {k} ({class_name}) is missing: no folder {EXPERT_FOLDER.format(k)!r} in {root!r}."
                 )
             experts.append(expert_cls.from_pretrained(folder, **kwargs))
-        init_kwargs = {key: value for key, value in config.items() if not key.startswith("_")}
-        mixture = cls(**init_kwargs, experts=experts)
-        routing_name = _routing_file_name(kwargs.get("variant"))
+        mixture = cls(**config, experts=experts)
+        routing_name = routing_weights_name(kwargs.get("variant"))
         if mixture.routing_logits is not None:
             routing_file = os.path.join(root, routing_name)
             if not os.path.isfile(routing_file):
@@ -700,41 +630,3 @@ class ExpertMixtureUNet(ModelMixin, ConfigMixin):
             mixture.routing_logits.data = mixture.routing_logits.data.float()
         mixture.eval()
         return mixture
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        create_pr: bool = False,
-        safe_serialization: bool = True,
-        variant: str | None = None,
-        subfolder: str | None = None,
-        **kwargs,
-    ):
-        r"""
-        Push the mixture (config, routing parameters, every embedded expert, the mixture card and one card per expert)
-        to the Hub in **one commit**: a failed push leaves the previous revision intact. See
-        [`~diffusers_experts.hub.push_mixture_to_hub`] for the options (`metadata`, `expert_sources`, `revision`,
-        `commit_description`); experts can go to their own repos with
-        [`~diffusers_experts.hub.push_experts_to_hub`].
-
-        Returns:
-            `huggingface_hub.CommitInfo`: The commit (`.oid` is its sha).
-        """
-        from ..hub import push_mixture_to_hub
-
-        if variant is not None:
-            kwargs["variant"] = variant
-        return push_mixture_to_hub(
-            self,
-            repo_id,
-            commit_message=commit_message,
-            private=private,
-            token=token,
-            create_pr=create_pr,
-            safe_serialization=safe_serialization,
-            subfolder=subfolder,
-            **kwargs,
-        )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 import weakref
@@ -11,15 +10,24 @@ from collections.abc import Sequence
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from peft import LoraConfig, inject_adapter_in_model
+from peft.functional import get_peft_model_state_dict, set_adapter, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..constants import SHARED_CONFIG_KEYS
+from ..loading import (
+    expert_class_name,
+    pop_hub_options,
+    read_model_config,
+    resolve_expert_class,
+    resolve_model_folder,
+)
 from ..saving import atomic_directory
 
 
-CONFIG_NAME = "config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-SHARED_CONFIG_KEYS = ("sample_size", "in_channels", "out_channels", "num_class_embeds")
 # Bases loaded by `from_pretrained`, shared by every LoRA expert that names the same base (one copy in memory).
 _LOADED_BASES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
@@ -39,16 +47,8 @@ def default_lora_targets(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def _base_class_name(model: nn.Module) -> str:
-    from .expert_mixture import expert_class_name
-
-    return expert_class_name(type(model))
-
-
 def _adapter_names(model: nn.Module) -> set[str]:
     """Names of the LoRA adapters already injected into `model`."""
-    from peft.tuners.lora import LoraLayer
-
     names = set()
     for module in model.modules():
         if isinstance(module, LoraLayer):
@@ -129,8 +129,6 @@ class LoRAExpert(ModelMixin, ConfigMixin):
         base_model: nn.Module | None = None,
     ):
         super().__init__()
-        from peft import LoraConfig, inject_adapter_in_model
-
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"`rank` must be a positive integer, got {rank!r}.")
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
@@ -139,9 +137,10 @@ class LoRAExpert(ModelMixin, ConfigMixin):
             raise ValueError(f"`lora_dropout` must lie in [0, 1), got {lora_dropout!r}.")
         if base_model is None:
             base_model = self._load_base(base_model_name_or_path, base_model_class, base_subfolder, base_revision)
-        if _base_class_name(base_model) != base_model_class:
+        if expert_class_name(type(base_model)) != base_model_class:
             raise ValueError(
-                f"`base_model_class` is {base_model_class!r} but the base model is a {_base_class_name(base_model)!r}."
+                f"`base_model_class` is {base_model_class!r} but the base model is a "
+                f"{expert_class_name(type(base_model))!r}."
             )
         if adapter_name in _adapter_names(base_model):
             raise ValueError(
@@ -205,7 +204,7 @@ class LoRAExpert(ModelMixin, ConfigMixin):
             reference = os.path.abspath(reference)
         return cls(
             base_model_name_or_path=reference,
-            base_model_class=_base_class_name(base_model),
+            base_model_class=expert_class_name(type(base_model)),
             base_subfolder=base_subfolder,
             base_revision=base_revision,
             adapter_name=adapter_name,
@@ -222,13 +221,11 @@ class LoRAExpert(ModelMixin, ConfigMixin):
         revision: str | None,
         relative_to: str | None = None,
         torch_dtype: torch.dtype | None = None,
-        hub_kwargs: dict | None = None,
-        cache: bool = True,
+        hub_options: dict | None = None,
+        free_of_adapter: str | None = None,
     ) -> ModelMixin:
-        """Load (or reuse from the cache) the base model named by a LoRA expert's config."""
-        from ..hub import resolve_model_folder
-        from .expert_mixture import resolve_expert_class
-
+        """Load (or reuse from the cache) the base model named by a LoRA expert's config; a cached base that already
+        holds an adapter named `free_of_adapter` (another mixture's) is not reused: a private copy is loaded."""
         if name_or_path.startswith(("./", "../")):
             if relative_to is None:
                 raise ValueError(
@@ -237,14 +234,14 @@ class LoRAExpert(ModelMixin, ConfigMixin):
                 )
             name_or_path = os.path.normpath(os.path.join(relative_to, name_or_path))
         base_cls = resolve_expert_class(class_name)
-        folder = resolve_model_folder(name_or_path, subfolder=subfolder, revision=revision, **(hub_kwargs or {}))
+        folder = resolve_model_folder(name_or_path, subfolder=subfolder, revision=revision, **(hub_options or {}))
         key = (os.path.realpath(folder), class_name, str(torch_dtype))
-        cached = _LOADED_BASES.get(key) if cache else None
-        if cached is not None:
+        cached = _LOADED_BASES.get(key)
+        if cached is not None and free_of_adapter not in _adapter_names(cached):
             return cached
         options = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
         base = base_cls.from_pretrained(folder, **options)
-        if cache:
+        if cached is None:
             _LOADED_BASES[key] = base
         return base
 
@@ -252,8 +249,6 @@ class LoRAExpert(ModelMixin, ConfigMixin):
 
     def _activate(self) -> None:
         """Make this expert's adapter the active one of the (possibly shared) base, keeping every `requires_grad`."""
-        from peft.functional import set_adapter
-
         # peft's set_adapter also freezes the inactive adapters; trainability stays the user's choice here
         flags = [(p, p.requires_grad) for name, p in self.base_model.named_parameters() if "lora_" in name]
         set_adapter(self.base_model, self.config.adapter_name)
@@ -267,15 +262,11 @@ class LoRAExpert(ModelMixin, ConfigMixin):
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """This expert's adapter weights, keys as `peft.get_peft_model_state_dict` returns them."""
-        from peft.functional import get_peft_model_state_dict
-
         state = get_peft_model_state_dict(self.base_model, adapter_name=self.config.adapter_name)
         return {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load adapter weights saved by [`~LoRAExpert.adapter_state_dict`]; every adapter weight must be present."""
-        from peft.functional import set_peft_model_state_dict
-
         expected = set(self.adapter_state_dict())
         if set(state) != expected:
             missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -338,46 +329,26 @@ class LoRAExpert(ModelMixin, ConfigMixin):
             kwargs: Hub options (`revision`, `cache_dir`, `local_files_only`, `token`); other diffusers loading
                 options are accepted and ignored.
         """
-        from ..hub import resolve_model_folder
-
         subfolder = kwargs.pop("subfolder", None)
         base_model = kwargs.pop("base_model", None)
         torch_dtype = kwargs.pop("torch_dtype", None)
-        hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
-        folder = resolve_model_folder(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
-        config_file = os.path.join(folder, CONFIG_NAME)
+        hub_options = pop_hub_options(kwargs)
+        folder = resolve_model_folder(pretrained_model_name_or_path, subfolder=subfolder, **hub_options)
+        init_kwargs = read_model_config(cls, folder)
         weights_file = os.path.join(folder, ADAPTER_WEIGHTS_NAME)
-        for path in (config_file, weights_file):
-            if not os.path.isfile(path):
-                raise ValueError(f"No {os.path.basename(path)} in {folder!r}: not a saved LoRAExpert.")
-        with open(config_file, encoding="utf-8") as f:
-            config = json.load(f)
-        if config.get("_class_name") != cls.__name__:
-            raise ValueError(f"{config_file!r} describes a {config.get('_class_name')!r}, not a {cls.__name__}.")
-        init_kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+        if not os.path.isfile(weights_file):
+            raise ValueError(f"No {ADAPTER_WEIGHTS_NAME} in {folder!r}: not a saved {cls.__name__}.")
         if base_model is None:
-            hub_options = {k: v for k, v in hub_kwargs.items() if k != "revision"}
             base_model = cls._load_base(
                 init_kwargs["base_model_name_or_path"],
                 init_kwargs["base_model_class"],
                 init_kwargs.get("base_subfolder"),
-                init_kwargs.get("base_revision"),
+                init_kwargs.get("base_revision"),  # the base's own revision, not the one of this expert's repo
                 relative_to=folder,
                 torch_dtype=torch_dtype,
-                hub_kwargs=hub_options,
+                hub_options={k: v for k, v in hub_options.items() if k != "revision"},
+                free_of_adapter=init_kwargs.get("adapter_name", "default"),
             )
-            if init_kwargs.get("adapter_name", "default") in _adapter_names(base_model):
-                # the cached base already carries an adapter of that name (another mixture): load a private copy
-                base_model = cls._load_base(
-                    init_kwargs["base_model_name_or_path"],
-                    init_kwargs["base_model_class"],
-                    init_kwargs.get("base_subfolder"),
-                    init_kwargs.get("base_revision"),
-                    relative_to=folder,
-                    torch_dtype=torch_dtype,
-                    hub_kwargs=hub_options,
-                    cache=False,
-                )
         expert = cls(**init_kwargs, base_model=base_model)
         state = load_file(weights_file)
         if torch_dtype is not None:

@@ -1,7 +1,8 @@
 """Pipelines for multi-expert diffusion."""
 
+from .bulk_generation import BulkGenerationOutput
 from .expert_offload import ExpertOffloader
-from .pipeline_multi_expert import BulkGenerationOutput, MultiExpertPipeline
+from .pipeline_multi_expert import MultiExpertPipeline
 
 
 __all__ = ["BulkGenerationOutput", "ExpertOffloader", "MultiExpertPipeline"]

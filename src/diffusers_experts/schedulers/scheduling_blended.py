@@ -1,9 +1,10 @@
-"""BlendedScheduler: wraps any diffusers noise scheduler and makes its stepping aware of a mixture's experts."""
+"""BlendedScheduler: wraps any diffusers noise scheduler and aligns its steps to a mixture's experts."""
 
 from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,11 +13,20 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 
+from ..models.expert_mixture import ExpertMixtureUNet
+from ..routing import noise_sigmas
 
-ROUTING_SOURCES = ("auto", "sigma", "timestep")
 
-# diffusers schedulers whose noise levels come from a training `alphas_cumprod` table (VP / DDPM family): their
-# model-call noise level maps to a training timestep, which is what a mixture routes by.
+# Config keys of earlier versions that are dropped on load, with the reason (a warning says it).
+REMOVED_CONFIG_KEYS = {
+    "routing_source": (
+        "every model call is routed by the timestep it is conditioned on (the `timestep` given to the mixture), "
+        "whatever the scheduler"
+    ),
+}
+
+# diffusers schedulers whose noise levels come from a training `alphas_cumprod` table (VP / DDPM family): they
+# condition the model on training timesteps, which is what a mixture routes by.
 WRAPPABLE_SCHEDULERS = tuple(s.name for s in KarrasDiffusionSchedulers if s.name != "EDMEulerScheduler")
 
 
@@ -30,20 +40,6 @@ def resolve_base_scheduler_class(name: str) -> type:
             f"Valid choices: {list(WRAPPABLE_SCHEDULERS)}."
         )
     return getattr(diffusers, name)
-
-
-def timesteps_from_sigmas(sigmas: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Fractional training timesteps with noise level `sigma = sqrt((1 - alpha_prod_t) / alpha_prod_t)`.
-
-    Interpolates `t` linearly in `log(sigma)` over the training table, exactly like diffusers' `_sigma_to_t`,
-    clamped to `[0, T - 1]`.
-    """
-    table = ((1 - alphas_cumprod.double()) / alphas_cumprod.double()).sqrt().log()
-    log_sigma = sigmas.double().clamp_min(1e-20).log().reshape(-1)
-    high = torch.searchsorted(table, log_sigma).clamp(1, table.numel() - 1)
-    low = high - 1
-    frac = ((log_sigma - table[low]) / (table[high] - table[low])).clamp(0.0, 1.0)
-    return (low.double() + frac).reshape(sigmas.shape)
 
 
 def allocate_steps(num_inference_steps: int, interval_lengths: Sequence[float]) -> list[int]:
@@ -64,57 +60,50 @@ def allocate_steps(num_inference_steps: int, interval_lengths: Sequence[float]) 
     return steps
 
 
-def aligned_timesteps(
-    boundaries: Sequence[float], num_train_timesteps: int, steps_per_expert: Sequence[int]
-) -> list[int]:
-    """Descending integer timesteps where expert k's `n_k` evaluation points lie inside its own interval.
+def check_steps_fit(owned_timesteps: Sequence[range], steps_per_expert: Sequence[int]) -> None:
+    """Every expert gets at most one evaluation point per integer training timestep it owns."""
+    for k, (owned, n_k) in enumerate(zip(owned_timesteps, steps_per_expert)):
+        if n_k > len(owned):
+            raise ValueError(
+                f"`steps_per_expert[{k}]` = {n_k} is more than the {len(owned)} integer training timesteps that "
+                f"expert {k} owns ([{owned.start}, {owned.stop - 1}])."
+            )
 
-    Expert k owns the integer timesteps `[ceil(b_k), ceil(b_{k+1}) - 1]`; its points are evenly spaced from the top of
-    that range down, and its last step lands exactly on the top timestep of expert k-1 (or on the clean sample for
-    expert 0), so no step integrates across a boundary.
+
+def aligned_timesteps(owned_timesteps: Sequence[range], steps_per_expert: Sequence[int]) -> list[int]:
+    """Descending integer timesteps where expert k's `n_k` evaluation points lie inside the timesteps it owns.
+
+    `owned_timesteps[k]` is expert k's range of integer training timesteps (the mixture's `owned_timesteps`). Its
+    points are evenly spaced from the top of that range down, and its last step lands exactly on the top timestep of
+    expert k-1 (or on the clean sample for expert 0), so no step integrates across a boundary.
     """
-    edges = [0.0, *boundaries, float(num_train_timesteps)]
     points: list[int] = []
     for k in reversed(range(len(steps_per_expert))):
-        top = math.ceil(edges[k + 1]) - 1
-        bottom = math.ceil(edges[k]) - 1  # top timestep of expert k - 1 (-1: the clean sample)
-        n_k = steps_per_expert[k]
-        if n_k > top - bottom:
-            raise ValueError(
-                f"`steps_per_expert[{k}]` = {n_k} is more than the {top - bottom} integer training timesteps that "
-                f"expert {k} owns ([{bottom + 1}, {top}])."
-            )
-        spaced = np.round(np.linspace(top, bottom, n_k + 1)[:-1]).astype(np.int64).tolist()
+        owned = owned_timesteps[k]
+        top, bottom = owned.stop - 1, owned.start - 1  # bottom: top timestep of expert k - 1 (-1: the clean sample)
+        spaced = np.round(np.linspace(top, bottom, steps_per_expert[k] + 1)[:-1]).astype(np.int64).tolist()
         points.extend(spaced)
     return points
 
 
 def aligned_karras_sigmas(
-    boundaries: Sequence[float], alphas_cumprod: torch.Tensor, steps_per_expert: Sequence[int], rho: float = 7.0
+    owned_timesteps: Sequence[range], sigmas: torch.Tensor, steps_per_expert: Sequence[int], rho: float = 7.0
 ) -> list[float]:
     """Descending sigmas (final 0 appended) with Karras spacing inside each expert's own noise range.
 
-    Expert k's `n_k` points run from the sigma of its top integer timestep towards the sigma of the next expert's top
-    timestep (where its last step lands), spaced as `(sigma_max^(1/rho) + i/n (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho`
+    `sigmas` is the noise level of every training timestep ([`~diffusers_experts.routing.noise_sigmas`]). Expert k's
+    `n_k` points run from the sigma of its top owned timestep towards the sigma of the next expert's top timestep
+    (where its last step lands), spaced as `(sigma_max^(1/rho) + i/n (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho`
     (Karras et al. 2022, eq. 5); expert 0 ends at the smallest training sigma.
     """
-    table = ((1 - alphas_cumprod.double()) / alphas_cumprod.double()).sqrt()
-    edges = [0.0, *boundaries, float(len(table))]
-    sigmas: list[float] = []
+    points: list[float] = []
     for k in reversed(range(len(steps_per_expert))):
-        top = math.ceil(edges[k + 1]) - 1
-        land = math.ceil(edges[k]) - 1
-        n_k = steps_per_expert[k]
-        if n_k > top - max(land, 0) + (k == 0):
-            raise ValueError(
-                f"`steps_per_expert[{k}]` = {n_k} is more than the {top - land} integer training timesteps that "
-                f"expert {k} owns ([{land + 1}, {top}])."
-            )
-        sigma_max, sigma_min = table[top].item(), table[max(land, 0)].item()
+        owned, n_k = owned_timesteps[k], steps_per_expert[k]
+        sigma_max, sigma_min = sigmas[owned.stop - 1].item(), sigmas[max(owned.start - 1, 0)].item()
         ramp = np.linspace(0, 1, n_k if k == 0 else n_k + 1)
         spaced = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-        sigmas.extend(spaced.tolist() if k == 0 else spaced[:-1].tolist())
-    return [*sigmas, 0.0]
+        points.extend(spaced.tolist() if k == 0 else spaced[:-1].tolist())
+    return [*points, 0.0]
 
 
 class BlendedScheduler(SchedulerMixin, ConfigMixin):
@@ -122,20 +111,19 @@ class BlendedScheduler(SchedulerMixin, ConfigMixin):
     Any diffusers noise scheduler of the DDPM family (DDPM, DDIM, DPM-Solver(++), Euler, Heun, LMS, UniPC, ... with or
     without Karras sigmas), made expert-aware for an [`ExpertMixtureUNet`]. Stepping is delegated to the wrapped
     `base` scheduler (`set_timesteps`, `step`, `scale_model_input`, `add_noise`, `timesteps`, `init_noise_sigma`,
-    `order`, and any other attribute); the wrapper adds:
+    `order`, and any other attribute). Routing is not the scheduler's business: every model call is routed by the
+    timestep it is conditioned on, by the mixture, with or without this wrapper. The wrapper changes *where the steps
+    are*:
 
-    - **Routing timesteps** ([`~BlendedScheduler.routing_timestep`]): the training timestep whose noise level equals
-      the noise level of the sample a model call receives, `t = sigma^-1(sigma_i)` with
-      `sigma = sqrt((1 - alpha_prod_t) / alpha_prod_t)`. Schedulers that step in sigma (Euler, Heun, LMS, DPM-Solver
-      and UniPC, with Karras sigmas too) are routed by their exact, unrounded noise level.
     - **Boundary alignment** (`align_to_boundaries=True`): the inference schedule is rebuilt so that each expert's
       steps start inside its own interval and its last step lands on the top timestep of the next lower expert: no
       step integrates across a hard boundary.
     - **Steps per expert** (`steps_per_expert=[n_0, ..., n_{N-1}]`, expert 0 = lowest noise): how many of the
       `num_inference_steps` each expert takes, e.g. more where structure forms (high noise). Implies alignment.
 
-    The boundaries are read from the mixture at [`~BlendedScheduler.set_timesteps`] time (`mixture=...`; the
-    [`MultiExpertPipeline`] passes its `unet`): they are owned by the mixture config and never stored here.
+    The integer timesteps each expert owns are read from the mixture (`mixture.owned_timesteps`) at
+    [`~BlendedScheduler.set_timesteps`] time (`mixture=...`; the [`MultiExpertPipeline`] passes its `unet`): the
+    mixture config owns the boundaries, they are never stored here.
     Alignment and `steps_per_expert` need a base whose `set_timesteps` accepts custom `timesteps` (DDPM,
     DPM-Solver multistep and Euler / Heun without Karras sigmas) or, with Karras sigmas, custom `sigmas` (Euler: the
     Karras spacing is then applied inside each expert's own noise range).
@@ -145,9 +133,9 @@ class BlendedScheduler(SchedulerMixin, ConfigMixin):
         base_scheduler_config (`dict`, *optional*): Its config (plain JSON values), as in its `scheduler_config.json`.
         align_to_boundaries (`bool`, defaults to `False`): Align the inference schedule to the mixture's boundaries.
         steps_per_expert (`list[int]`, *optional*): Steps per expert (expert 0 first); must sum to the step count.
-        routing_source (`str`, defaults to `"auto"`): What a model call is routed by: `"sigma"` (the noise level of
-            the call's input), `"timestep"` (the timestep passed to the model) or `"auto"` (`"sigma"` when the base
-            scheduler keeps a `sigmas` table, else `"timestep"`; DDPM/DDIM/PNDM pass training timesteps).
+
+    A saved config of an earlier version may hold `routing_source`: it is dropped on load with a `FutureWarning`
+    (calls are routed by the timestep they are conditioned on, whatever it said).
 
     Example:
         ```py
@@ -170,15 +158,12 @@ class BlendedScheduler(SchedulerMixin, ConfigMixin):
         base_scheduler_config: dict[str, Any] | None = None,
         align_to_boundaries: bool = False,
         steps_per_expert: list[int] | None = None,
-        routing_source: str = "auto",
     ):
         base_cls = resolve_base_scheduler_class(base_scheduler_class)
         if base_scheduler_config is not None and not isinstance(base_scheduler_config, dict):
             raise TypeError(f"`base_scheduler_config` must be a dict or None, got {type(base_scheduler_config)}.")
         if not isinstance(align_to_boundaries, bool):
             raise TypeError(f"`align_to_boundaries` must be a bool, got {align_to_boundaries!r}.")
-        if routing_source not in ROUTING_SOURCES:
-            raise ValueError(f"`routing_source` must be one of {list(ROUTING_SOURCES)}, got {routing_source!r}.")
         if steps_per_expert is not None:
             values = list(steps_per_expert)
             if not values or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in values):
@@ -187,11 +172,6 @@ class BlendedScheduler(SchedulerMixin, ConfigMixin):
                     f"{steps_per_expert!r}."
                 )
         self.base = base_cls.from_config(dict(base_scheduler_config or {}))
-        if routing_source == "sigma" and getattr(self.base, "alphas_cumprod", None) is None:
-            raise ValueError(
-                f"`routing_source='sigma'` needs a base with `alphas_cumprod`; {base_scheduler_class} has none."
-            )
-        self.boundaries: list[float] | None = None
 
     @classmethod
     def from_scheduler(cls, scheduler: SchedulerMixin, **options) -> BlendedScheduler:
@@ -200,13 +180,13 @@ class BlendedScheduler(SchedulerMixin, ConfigMixin):
 
         Args:
             scheduler (`SchedulerMixin`): e.g. `DPMSolverMultistepScheduler(use_karras_sigmas=True)`.
-            options: `align_to_boundaries`, `steps_per_expert`, `routing_source`.
+            options: `align_to_boundaries`, `steps_per_expert`.
         """
         if isinstance(scheduler, BlendedScheduler):
             raise TypeError("`scheduler` is already a BlendedScheduler; wrap its `.base` scheduler instead.")
         if not isinstance(scheduler, SchedulerMixin):
             raise TypeError(f"`scheduler` must be a diffusers scheduler (SchedulerMixin), got {type(scheduler)}.")
-        allowed = {"align_to_boundaries", "steps_per_expert", "routing_source"}
+        allowed = {"align_to_boundaries", "steps_per_expert"}
         unknown = sorted(set(options) - allowed)
         if unknown:
             raise TypeError(f"Unknown BlendedScheduler option(s) {unknown}; valid: {sorted(allowed)}.")
@@ -218,9 +198,17 @@ class BlendedScheduler(SchedulerMixin, ConfigMixin):
         r"""
         Build from a BlendedScheduler config, or wrap the scheduler that another scheduler config names in its
         `_class_name` (a loaded or saved `scheduler_config.json`), e.g.
-        `BlendedScheduler.from_config(DDPMScheduler.load_config(path), steps_per_expert=[...])`.
+        `BlendedScheduler.from_config(DDPMScheduler.load_config(path), steps_per_expert=[...])`. Keys of earlier
+        versions ([`REMOVED_CONFIG_KEYS`], e.g. `routing_source`) are dropped with a `FutureWarning`.
         """
         values = dict(config or {})
+        for key in sorted(REMOVED_CONFIG_KEYS.keys() & values.keys()):
+            warnings.warn(
+                f"`{key}`={values.pop(key)!r} in this BlendedScheduler config is ignored and dropped: "
+                f"{REMOVED_CONFIG_KEYS[key]}. Save the scheduler again to remove it from the file.",
+                FutureWarning,
+                stacklevel=2,
+            )
         class_name = values.get("_class_name")
         if class_name is not None and class_name != cls.__name__:
             base = resolve_base_scheduler_class(class_name).from_config(values)
@@ -233,6 +221,7 @@ class BlendedScheduler(SchedulerMixin, ConfigMixin):
                 f"`config` describes another scheduler (keys {foreign[:4]}...) without its class name: wrap the "
                 f"scheduler itself with `BlendedScheduler.from_scheduler(scheduler)`."
             )
+        config = values if config is not None else None
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @classmethod
@@ -288,18 +277,19 @@ class BlendedScheduler(SchedulerMixin, ConfigMixin):
         **kwargs,
     ) -> None:
         r"""
-        Set the inference schedule of the base scheduler, aligned to `mixture`'s boundaries when asked.
+        Set the inference schedule of the base scheduler, aligned to `mixture`'s experts when asked.
 
         Args:
             num_inference_steps (`int`): Number of denoising steps.
             device (`str` or `torch.device`, *optional*): Device of the timesteps.
-            mixture ([`ExpertMixtureUNet`], *optional*): The mixture whose boundaries the schedule follows; required
-                with `align_to_boundaries=True` or `steps_per_expert`.
+            mixture ([`ExpertMixtureUNet`], *optional*): The mixture whose experts the schedule follows (the integer
+                timesteps each owns, `mixture.owned_timesteps`); required with `align_to_boundaries=True` or
+                `steps_per_expert`.
             kwargs: Passed to the base scheduler's `set_timesteps` (e.g. custom `timesteps`), plain schedules only.
         """
         cfg = self.config
         if mixture is not None:
-            self._read_mixture(mixture)
+            self._check_mixture(mixture)
         if not (cfg.align_to_boundaries or cfg.steps_per_expert is not None):
             self.base.set_timesteps(num_inference_steps, device=device, **kwargs)
             return
@@ -312,14 +302,16 @@ class BlendedScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(
                 f"Custom schedule arguments {sorted(kwargs)} cannot be combined with an aligned schedule."
             )
-        num_experts = len(self.boundaries) + 1
-        steps = self._steps_per_expert(num_inference_steps, num_experts, mixture)
-        timesteps = aligned_timesteps(self.boundaries, mixture.config.num_train_timesteps, steps)
+        owned = mixture.owned_timesteps
+        steps = self._steps_per_expert(num_inference_steps, len(owned), mixture)
+        check_steps_fit(owned, steps)
+        timesteps = aligned_timesteps(owned, steps)
         accepted = inspect.signature(self.base.set_timesteps).parameters
         karras = bool(self.base.config.get("use_karras_sigmas", False))
         if karras and "sigmas" in accepted:
             # Karras spacing inside each expert's own sigma range (Euler takes custom sigmas as they are)
-            schedule = {"sigmas": aligned_karras_sigmas(self.boundaries, self.base.alphas_cumprod, steps)}
+            sigmas = aligned_karras_sigmas(owned, noise_sigmas(self.base.alphas_cumprod), steps)
+            schedule = {"sigmas": sigmas}
         elif "timesteps" in accepted:
             schedule = {"timesteps": timesteps}
         else:
@@ -338,17 +330,16 @@ class BlendedScheduler(SchedulerMixin, ConfigMixin):
                 f"Karras sigmas, or align_to_boundaries=False)."
             ) from error
 
-    def _read_mixture(self, mixture) -> None:
-        """Boundaries from the mixture config (their one owner), after checking both use the same `T`."""
-        config = getattr(mixture, "config", None)
-        if config is None or "boundaries" not in config:
+    def _check_mixture(self, mixture) -> None:
+        """`mixture` is an ExpertMixtureUNet trained with this scheduler's `T`."""
+        if not isinstance(mixture, ExpertMixtureUNet):
             raise TypeError(f"`mixture` must be an ExpertMixtureUNet, got {type(mixture).__name__}.")
+        config = mixture.config
         if config.num_train_timesteps != self.base.config.num_train_timesteps:
             raise ValueError(
                 f"The mixture was trained with num_train_timesteps={config.num_train_timesteps} but the scheduler "
                 f"uses {self.base.config.num_train_timesteps}: routing would put calls on the wrong experts."
             )
-        self.boundaries = [float(b) for b in config.boundaries]
 
     def _steps_per_expert(self, num_inference_steps: int | None, num_experts: int, mixture) -> list[int]:
         steps = self.config.steps_per_expert
@@ -368,36 +359,3 @@ class BlendedScheduler(SchedulerMixin, ConfigMixin):
                 f"{num_inference_steps}: make them equal (or pass num_inference_steps=None)."
             )
         return steps
-
-    # ------------------------------------------------------------------ routing
-
-    def _uses_sigma(self) -> bool:
-        source = self.config.routing_source
-        if source == "auto":
-            return (
-                getattr(self.base, "sigmas", None) is not None
-                and getattr(self.base, "alphas_cumprod", None) is not None
-            )
-        return source == "sigma"
-
-    def _index_of(self, timestep) -> int:
-        """Index of the current step: the base's `step_index`, its `begin_index`, or the position of `timestep`."""
-        index = getattr(self.base, "step_index", None)
-        if index is None:
-            index = getattr(self.base, "begin_index", None)
-        if index is None:
-            index = self.base.index_for_timestep(timestep)
-        return int(index)
-
-    def routing_timestep(self, timestep, step_index: int | None = None) -> torch.Tensor:
-        r"""
-        Training timestep (float, noise-level units) that a model call at `timestep` must be routed by.
-
-        With sigma routing it is `t(sigma_i)`, the exact training timestep of the noise level of step `step_index`
-        (default: the base scheduler's current step). Otherwise the model timestep itself.
-        """
-        if not self._uses_sigma():
-            return torch.as_tensor(timestep).float()
-        index = self._index_of(timestep) if step_index is None else int(step_index)
-        sigma = torch.as_tensor(self.base.sigmas[index])
-        return timesteps_from_sigmas(sigma, self.base.alphas_cumprod).float()

@@ -1,9 +1,63 @@
-"""Command-line arguments shared by the training scripts (data, optimisation, EMA, checkpoints, logging, previews,
-Hub), with the parity flags of diffusers' `train_unconditional.py`."""
+"""Command-line arguments shared by the training scripts (data, optimisation, EMA, noise schedule, class conditioning,
+checkpoints, logging, previews, Hub), with the parity flags of diffusers' `train_unconditional.py`, and their checks."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+
+from .experts import EXPERT_TYPES
+
+
+def parse_checked(parser: argparse.ArgumentParser, argv, check: Callable[[argparse.Namespace], None]):
+    """Parse `argv` and run `check(args)`: a `ValueError` exits with status 2 and its message, before anything is
+    loaded or trained."""
+    args = parser.parse_args(argv)
+    try:
+        check(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def add_diffusion_training_arguments(parser: argparse.ArgumentParser, default_output_dir: str) -> None:
+    """The shared groups of the diffusion training scripts: class conditioning, data, optimisation, noise schedule,
+    output, previews and Hub."""
+    add_class_arguments(parser)
+    add_data_arguments(parser)
+    add_optimization_arguments(parser)
+    add_noise_arguments(parser)
+    add_output_arguments(parser, default_output_dir)
+    add_preview_and_hub_arguments(parser)
+
+
+def add_expert_arguments(parser: argparse.ArgumentParser, default_num_experts: int, default_expert_type: str):
+    """The `experts` group (`--expert_type`, `--num_experts`, `--model_config`, `--boundaries`), returned so that a
+    script adds its own expert options to it."""
+    group = parser.add_argument_group("experts")
+    group.add_argument(
+        "--expert_type",
+        type=str,
+        default=default_expert_type,
+        choices=list(EXPERT_TYPES),
+        help="iunet: MEME iU-Nets with per-expert attention shares; unet: diffusers UNet2DModel.",
+    )
+    group.add_argument("--num_experts", type=int, default=default_num_experts)
+    group.add_argument(
+        "--model_config",
+        type=str,
+        default=None,
+        help="JSON file of expert model arguments (block_out_channels, ...), see examples/configs/.",
+    )
+    group.add_argument(
+        "--boundaries",
+        type=float,
+        nargs="+",
+        default=None,
+        help="N-1 ascending expert boundaries (of a ratio schedule: its ramp centres), training timesteps or "
+        "fractions of T (default: equal intervals).",
+    )
+    return group
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,8 +135,21 @@ def add_noise_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prediction_type", type=str, default="epsilon", choices=["epsilon", "v_prediction", "sample"])
 
 
+def add_class_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("class conditioning")
+    group.add_argument(
+        "--num_classes", type=int, default=None, help="Class-conditional training with N classes (+1 null class)."
+    )
+    group.add_argument(
+        "--class_dropout_prob",
+        type=float,
+        default=None,
+        help="Probability of replacing a label by the null class (classifier-free guidance).",
+    )
+
+
 def add_output_arguments(parser: argparse.ArgumentParser, default_output_dir: str) -> None:
-    group = parser.add_argument_group("output, checkpoints, logging, previews, Hub")
+    group = parser.add_argument_group("output, checkpoints, logging")
     group.add_argument("--output_dir", type=str, default=default_output_dir)
     group.add_argument("--overwrite_output_dir", action="store_true")
     group.add_argument("--checkpointing_steps", type=int, default=500)
@@ -97,6 +164,10 @@ def add_output_arguments(parser: argparse.ArgumentParser, default_output_dir: st
         default="tensorboard",
         help='Accelerate tracker: "tensorboard", "wandb", "all" or "none".',
     )
+
+
+def add_preview_and_hub_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("previews, Hub")
     group.add_argument("--save_images_steps", type=int, default=None, help="Save a preview grid every N steps.")
     group.add_argument("--num_preview_images", type=int, default=16)
     group.add_argument("--preview_inference_steps", type=int, default=25)
@@ -109,7 +180,7 @@ def add_output_arguments(parser: argparse.ArgumentParser, default_output_dir: st
 
 
 def check_common_arguments(args: argparse.Namespace) -> None:
-    """Stop on bad shared arguments before anything is loaded or trained."""
+    """Stop on bad shared arguments (those the script defines) before anything is loaded or trained."""
     positive = [
         "train_batch_size",
         "gradient_accumulation_steps",
@@ -121,7 +192,9 @@ def check_common_arguments(args: argparse.Namespace) -> None:
         "num_epochs",
     ]
     for name in positive + ["max_train_steps", "save_images_steps", "checkpoints_total_limit", "max_train_samples"]:
-        value = getattr(args, name, None)
+        if not hasattr(args, name):
+            continue
+        value = getattr(args, name)
         if (name in positive or value is not None) and (not isinstance(value, int) or value < 1):
             raise ValueError(f"`--{name}` must be a positive integer, got {value!r}.")
     if args.learning_rate <= 0:
@@ -129,10 +202,23 @@ def check_common_arguments(args: argparse.Namespace) -> None:
     if args.lr_warmup_steps < 0:
         raise ValueError(f"`--lr_warmup_steps` must be >= 0, got {args.lr_warmup_steps!r}.")
     if args.num_channels is not None and args.num_channels not in (1, 3):
-        raise ValueError(f"`--num_channels` must be 1 or 3, got {args.num_channels!r}.")
+        raise ValueError(f"`--num_channels` must be 1 (grayscale) or 3 (RGB), got {args.num_channels!r}.")
     if args.dataset_name is not None and args.train_data_dir is not None:
-        raise ValueError("Give either `--dataset_name` or `--train_data_dir`, not both.")
-    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError(
+            f"Give either `--dataset_name` ({args.dataset_name!r}) or `--train_data_dir` ({args.train_data_dir!r}), "
+            f"not both."
+        )
+    if getattr(args, "push_to_hub", False) and not args.hub_model_id:
         raise ValueError("`--push_to_hub` needs `--hub_model_id` (the repo to push to).")
     if not 0.0 <= args.ema_max_decay <= 1.0:
         raise ValueError(f"`--ema_max_decay` must lie in [0, 1], got {args.ema_max_decay!r}.")
+    if getattr(args, "num_classes", None) is not None and args.num_classes < 1:
+        raise ValueError(f"`--num_classes` must be a positive integer, got {args.num_classes!r}.")
+    if getattr(args, "class_dropout_prob", None) is not None:
+        if args.num_classes is None:
+            raise ValueError(
+                f"`--class_dropout_prob` {args.class_dropout_prob} needs `--num_classes`: label dropout trains the "
+                f"null class of a class-conditional model."
+            )
+        if not 0.0 <= args.class_dropout_prob < 1.0:
+            raise ValueError(f"`--class_dropout_prob` must lie in [0, 1), got {args.class_dropout_prob!r}.")

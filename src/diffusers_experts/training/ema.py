@@ -76,3 +76,13 @@ class ExpertEMA:
         finally:
             for k, average in self.averages.items():
                 average.restore(trainable_parameters(self.experts[k]))
+
+
+def make_ema(args, accelerator, experts: Sequence[nn.Module], indices: Sequence[int]) -> ExpertEMA | None:
+    """With `--use_ema`, the averages of `experts` (`--ema_max_decay`, `--ema_inv_gamma`, `--ema_power`), registered
+    with `accelerator` so that checkpoints save and restore them; else None."""
+    if not args.use_ema:
+        return None
+    ema = ExpertEMA(experts, indices, decay=args.ema_max_decay, inv_gamma=args.ema_inv_gamma, power=args.ema_power)
+    accelerator.register_for_checkpointing(ema)
+    return ema

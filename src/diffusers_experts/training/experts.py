@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 
+from diffusers import UNet2DModel
 from torch import nn
 
+from ..constants import SHARED_CONFIG_KEYS
+from ..loading import class_from_model_folder, resolve_model_folder
+from ..models import IUNet2DModel, LoRAExpert, meme_expert_config
+from .objective import class_embeddings
 
-EXPERT_TYPES = ("iunet", "unet")
+
+EXPERT_CLASSES = {"iunet": IUNet2DModel, "unet": UNet2DModel}
+EXPERT_TYPES = tuple(EXPERT_CLASSES)
 # Small defaults; a `--model_config` JSON file overrides any of them (see examples/configs/).
 DEFAULT_MODEL_CONFIGS = {
     "iunet": {
@@ -26,22 +32,19 @@ DEFAULT_MODEL_CONFIGS = {
         "norm_num_groups": 32,
     },
 }
-DATA_KEYS = ("sample_size", "in_channels", "out_channels", "num_class_embeds")
 
 
 def load_model_config(expert_type: str, path: str | None) -> dict:
-    """Expert model kwargs: the defaults of `expert_type`, overridden by the JSON file `path`."""
-    if expert_type not in EXPERT_TYPES:
-        raise ValueError(f"`--expert_type` must be one of {list(EXPERT_TYPES)}, got {expert_type!r}.")
+    """Expert model kwargs: the defaults of `expert_type` (one of `EXPERT_TYPES`), overridden by the JSON file `path`
+    (read with the expert class's `load_config`)."""
     config = dict(DEFAULT_MODEL_CONFIGS[expert_type])
     if path is not None:
         if not os.path.isfile(path):
             raise ValueError(f"`--model_config` {path!r} is not a file.")
-        with open(path, encoding="utf-8") as f:
-            overrides = json.load(f)
+        overrides = EXPERT_CLASSES[expert_type].load_config(path)
         if not isinstance(overrides, dict):
             raise ValueError(f"`--model_config` {path!r} must hold a JSON object of model arguments.")
-        given = sorted(set(overrides) & set(DATA_KEYS))
+        given = sorted(set(overrides) & set(SHARED_CONFIG_KEYS))
         if given:
             raise ValueError(
                 f"`--model_config` {path!r} sets {given}; these follow from the data (`--resolution`, the number of "
@@ -64,14 +67,9 @@ def build_experts(
     sample_size: int,
     in_channels: int,
     num_class_embeds: int | None,
-    indices=None,
 ) -> list[nn.Module]:
     """`num_experts` fresh experts: MEME iU-Nets with per-expert attention shares (`meme_expert_config`) or plain
     `UNet2DModel`s (the "Multi-Expert" baseline). `num_experts=1` gives the single-model baselines."""
-    from diffusers import UNet2DModel
-
-    from ..models import IUNet2DModel, meme_expert_config
-
     shared = {
         **model_config,
         "sample_size": sample_size,
@@ -79,25 +77,33 @@ def build_experts(
         "out_channels": in_channels,
         "num_class_embeds": num_class_embeds,
     }
-    experts = []
-    for k in range(num_experts):
-        if expert_type == "iunet":
-            experts.append(IUNet2DModel(**meme_expert_config(k, num_experts, **shared)))
-        else:
-            experts.append(UNet2DModel(**shared))
-    return experts
+    if expert_type == "iunet":
+        return [IUNet2DModel(**meme_expert_config(k, num_experts, **shared)) for k in range(num_experts)]
+    return [UNet2DModel(**shared) for _ in range(num_experts)]
+
+
+def experts_from_args(args, sample_size: int, in_channels: int) -> list[nn.Module]:
+    """`--num_experts` fresh experts of `--expert_type` and `--model_config` for samples of `in_channels` x
+    `sample_size`^2 (pixels, or VAE latents with `--vae`), with the class embeddings of `--num_classes`."""
+    config = load_model_config(args.expert_type, args.model_config)
+    factor = downsampling_factor(config)
+    if sample_size % factor:
+        what = "the VAE latent size" if getattr(args, "vae", None) else "`--resolution`"
+        raise ValueError(
+            f"{what} {sample_size} must be divisible by {factor}, the total downsampling of experts with "
+            f"{len(config['block_out_channels'])} stages (block_out_channels={config['block_out_channels']})."
+        )
+    return build_experts(
+        args.expert_type, args.num_experts, config, sample_size, in_channels, class_embeddings(args.num_classes)
+    )
 
 
 def build_lora_experts(
     base_model_path: str, num_experts: int, rank: int, lora_alpha: float | None = None, target_modules=None
 ) -> list[nn.Module]:
     """`num_experts` LoRA experts (adapters `expert_0`, ...) sharing one frozen base loaded from `base_model_path`."""
-    from ..hub import resolve_model_folder
-    from ..models import LoRAExpert
-    from ..models.expert_mixture import _class_from_model_folder
-
     folder = resolve_model_folder(base_model_path)
-    base = _class_from_model_folder(folder).from_pretrained(folder)
+    base = class_from_model_folder(folder).from_pretrained(folder)
     reference = os.path.abspath(base_model_path) if os.path.isdir(base_model_path) else base_model_path
     return [
         LoRAExpert.from_base(

@@ -5,16 +5,17 @@ from __future__ import annotations
 import os
 
 import torch
+from diffusers import AutoencoderKL
+
+from ..constants import CONFIG_NAME
+from ..loading import resolve_model_folder
+from .data import collate
 
 
 def load_vae(name_or_path: str, subfolder: str | None = None, revision: str | None = None):
     """An `AutoencoderKL` from a folder or Hub repo id; a pipeline folder with a `vae/` subfolder works too."""
-    from diffusers import AutoencoderKL
-
-    from ..hub import resolve_model_folder
-
     folder = resolve_model_folder(name_or_path, subfolder=subfolder, revision=revision)
-    if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isdir(os.path.join(folder, "vae")):
+    if not os.path.isfile(os.path.join(folder, CONFIG_NAME)) and os.path.isdir(os.path.join(folder, "vae")):
         folder = os.path.join(folder, "vae")
     vae = AutoencoderKL.from_pretrained(folder)
     vae.requires_grad_(False)
@@ -38,8 +39,6 @@ class LatentCache(torch.utils.data.Dataset):
     training loop draws a fresh latent from it at every step with [`LatentCache.sample`]."""
 
     def __init__(self, vae, dataset, batch_size: int = 64):
-        from .data import collate
-
         means, stds, labels = [], [], []
         for start in range(0, len(dataset), batch_size):
             batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])

@@ -1,4 +1,5 @@
-"""AdamW and the lr schedule from the shared training arguments, as diffusers' `train_unconditional.py` builds them."""
+"""AdamW, the lr schedule and the optimizer step from the shared training arguments, as diffusers'
+`train_unconditional.py` does them."""
 
 from __future__ import annotations
 
@@ -33,3 +34,14 @@ def make_lr_scheduler(optimizer, args, accelerator, num_steps: int):
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=num_steps * accelerator.num_processes,
     )
+
+
+def optimizer_step(accelerator, loss, optimizer, lr_scheduler, params, max_grad_norm: float) -> None:
+    """Backpropagate `loss`, clip the gradient norm of `params` to `max_grad_norm` when gradients are synchronised
+    (0: no clipping), step the optimizer and the lr schedule, and zero the gradients."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm > 0:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)

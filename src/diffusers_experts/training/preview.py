@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import math
+import contextlib
 import os
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+from ..evaluation.plots import save_image_grid
+from ..pipelines import MultiExpertPipeline
 
 
 PREVIEW_SAMPLERS = ("ddim", "dpm")
@@ -14,8 +18,6 @@ PREVIEW_SAMPLERS = ("ddim", "dpm")
 
 def preview_scheduler(noise_scheduler, sampler: str = "ddim"):
     """A fast sampler (DDIM or DPM-Solver++) on the training noise schedule."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
     if sampler == "ddim":
         return DDIMScheduler.from_config(noise_scheduler.config)
     if sampler == "dpm":
@@ -40,8 +42,6 @@ def sample_grid(
     Class-conditional mixtures get labels `0, 1, ..., num_classes - 1, 0, 1, ...` (so a grid with `num_classes`
     columns shows one class per column) and classifier-free guidance with `guidance_scale`.
     """
-    from ..pipelines import MultiExpertPipeline
-
     was_training = mixture.training
     mixture.eval()
     pipe = MultiExpertPipeline(unet=mixture, scheduler=preview_scheduler(noise_scheduler, sampler), vae=vae)
@@ -65,8 +65,6 @@ def sample_grid(
 def save_preview(args, mixture, noise_scheduler, name: str, ema=None, vae=None, device=None) -> str:
     """Sample `args.num_preview_images` with the scripts' preview arguments (EMA weights when `ema` is given) and
     save the grid as `output_dir/samples/<name>`; class-conditional grids show one class per column."""
-    import contextlib
-
     with torch.no_grad(), ema.averaged() if ema is not None else contextlib.nullcontext():
         if device is not None:
             mixture.to(device)
@@ -84,25 +82,3 @@ def save_preview(args, mixture, noise_scheduler, name: str, ema=None, vae=None, 
     columns = args.num_classes if args.num_classes and args.num_preview_images % args.num_classes == 0 else None
     scale = max(1, 64 // images.shape[1])
     return save_image_grid(images, os.path.join(args.output_dir, "samples", name), columns=columns, scale=scale)
-
-
-def save_image_grid(images: np.ndarray, path: str, columns: int | None = None, scale: int = 1) -> str:
-    """Tile `(n, h, w, c)` images in [0, 1] into one PNG at `path` (written atomically); returns `path`."""
-    from PIL import Image
-
-    n, h, w, c = images.shape
-    columns = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / columns)
-    grid = np.zeros((rows * h, columns * w, c), dtype=np.float32)
-    for i, image in enumerate(images):
-        r, col = divmod(i, columns)
-        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = image
-    array = (grid.clip(0, 1) * 255).round().astype(np.uint8)
-    picture = Image.fromarray(array[..., 0] if c == 1 else array, mode="L" if c == 1 else "RGB")
-    if scale > 1:
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.png"
-    picture.save(tmp)
-    os.replace(tmp, path)
-    return path
