@@ -330,8 +330,8 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
     def _routing_timesteps(self, timestep, batch_size: int | None) -> torch.Tensor:
         """Timesteps as a float64 `(1,)` or `(B,)` tensor, on the timestep's device (CPU for Python numbers).
 
-        Routing decisions are made in float64, so a timestep compares with the config's boundaries exactly as
-        Python floats do (the fast path of `forward` uses `bisect` on them).
+        Routing runs in float64 so that tensor timesteps and the Python-number fast path of `forward` take the same
+        decisions ([`~diffusers_experts.routing.expert_index`] decides both, with its boundary tolerance).
         """
         t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
         if t.device.type == "mps":  # routing runs in float64, which MPS lacks
