@@ -333,6 +333,44 @@ def test_split_run_equals_full_run(mixture4, scheduler):
     assert torch.allclose(rest, full, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["dpmpp", "unipc", "dpmpp-karras", "heun", "ddim", "blended-dpmpp"])
+def test_split_run_with_the_handed_over_solver_state_equals_the_full_run(mixture4, name):
+    base = scheduler_from_name(name.removeprefix("blended-"))
+    pipe = make_pipe(mixture4, BlendedScheduler.from_scheduler(base) if name.startswith("blended-") else base)
+    kwargs = dict(batch_size=2, num_inference_steps=7, output_type="latent")
+    full = pipe(generator=torch.manual_seed(3), **kwargs).images
+    first = pipe(generator=torch.manual_seed(3), denoising_end=0.5, **kwargs)
+    assert first.solver_state is not None and first.solver_state is not pipe.scheduler
+    rest = pipe(latents=first.images, denoising_start=0.5, solver_state=first.solver_state, **kwargs).images
+    assert torch.equal(rest, full), (name, (rest - full).abs().max())
+    # the handed-over state is copied, not consumed: a second continuation gives the same result
+    again = pipe(latents=first.images, denoising_start=0.5, solver_state=first.solver_state, **kwargs).images
+    assert torch.equal(again, full)
+    # a tuple output carries the state too (diffusers' to_tuple: the fields that are not None)
+    images, state = pipe(generator=torch.manual_seed(3), denoising_end=0.5, return_dict=False, **kwargs)
+    assert torch.equal(images, first.images) and type(state) is type(pipe.scheduler)
+
+
+def test_solver_state_errors_name_the_argument(mixture4):
+    pipe = make_pipe(mixture4, scheduler_from_name("dpmpp"))
+    first = pipe(batch_size=1, num_inference_steps=6, denoising_end=0.5, output_type="latent")
+    latents = first.images
+    with pytest.raises(ValueError, match="`solver_state`.*with `denoising_start`"):
+        pipe(batch_size=1, num_inference_steps=6, latents=latents, solver_state=first.solver_state)
+    with pytest.raises(ValueError, match="`solver_state` comes from a 6-step run, but num_inference_steps=8"):
+        pipe(
+            batch_size=1, num_inference_steps=8, latents=latents, denoising_start=0.5, solver_state=first.solver_state
+        )
+    with pytest.raises(
+        ValueError, match=r"`solver_state` stopped at step 4 of 6, but denoising_start=0.75 starts at step 5"
+    ):
+        pipe(
+            batch_size=1, num_inference_steps=6, latents=latents, denoising_start=0.75, solver_state=first.solver_state
+        )
+    with pytest.raises(TypeError, match="`solver_state` must be .*DPMSolverMultistepScheduler.*got DDIMScheduler"):
+        pipe(batch_size=1, num_inference_steps=6, latents=latents, denoising_start=0.5, solver_state=DDIMScheduler())
+
+
 def test_pipeline_round_trip_with_blended_scheduler_and_vae(tmp_path):
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8,), latent_channels=3, norm_num_groups=8, sample_size=16).eval()

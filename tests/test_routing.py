@@ -187,3 +187,13 @@ def test_owned_timesteps_follow_the_tolerance_rule():
         table = torch.tensor(boundaries, dtype=torch.float64)
         for k, owned in enumerate(R.owned_timesteps(boundaries, T)):
             assert R.expert_index(torch.tensor(list(owned), dtype=torch.float64), table).unique().tolist() == [k]
+
+
+def test_auto_units_refuse_a_mix_of_fractions_and_timesteps():
+    with pytest.raises(ValueError, match=r"mix fractions of T.*as timesteps \[0\.3, 600\.0\].*\[300\.0, 600\.0\]"):
+        R.normalize_boundaries([0.3, 600], 3, T)
+    with pytest.raises(ValueError, match="boundary_units='timestep' or 'fraction'"):
+        R.normalize_boundaries([250, 0.9], 3, T)
+    # one unit, or explicit units, are fine
+    assert R.normalize_boundaries([0.3, 0.6], 3, T) == [300.0, 600.0]
+    assert R.normalize_boundaries([0.3, 600], 3, T, boundary_units="timestep") == [0.3, 600.0]

@@ -86,8 +86,17 @@ def normalize_boundaries(
         )
     units = boundary_units
     if units == "auto":
-        as_fraction = len(values) > 0 and all(isinstance(b, float) and 0.0 < b < 1.0 for b in values)
-        units = "fraction" if as_fraction else "timestep"
+        fraction_like = [isinstance(b, float) and 0.0 < b < 1.0 for b in values]
+        if any(fraction_like) and not all(fraction_like):
+            as_timesteps = [float(b) for b in values]
+            as_fractions = [float(b) * num_train_timesteps if f else float(b) for b, f in zip(values, fraction_like)]
+            raise ValueError(
+                f"`boundaries` {values!r} mix fractions of T (floats in (0, 1)) and timesteps, so they have two "
+                f"readings: as timesteps {as_timesteps} (expert 0 would own only t < {as_timesteps[0]}) or with the "
+                f"fractions scaled by T={num_train_timesteps}, {as_fractions}. Give all values in one unit, or pass "
+                f"boundary_units='timestep' or 'fraction'."
+            )
+        units = "fraction" if values and all(fraction_like) else "timestep"
     if units == "fraction":
         if not all(0.0 < b < 1.0 for b in values):
             raise ValueError(f"`boundaries` given as fractions of T must lie in (0, 1), got {values!r}.")

@@ -2,7 +2,7 @@
 
 from .bulk_generation import BulkGenerationOutput
 from .expert_offload import ExpertOffloader
-from .pipeline_multi_expert import MultiExpertPipeline
+from .pipeline_multi_expert import MultiExpertPipeline, MultiExpertPipelineOutput
 
 
-__all__ = ["BulkGenerationOutput", "ExpertOffloader", "MultiExpertPipeline"]
+__all__ = ["BulkGenerationOutput", "ExpertOffloader", "MultiExpertPipeline", "MultiExpertPipelineOutput"]

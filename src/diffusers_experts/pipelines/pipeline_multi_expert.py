@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
@@ -21,6 +23,22 @@ from ..schedulers.scheduling_blended import BlendedScheduler
 from . import bulk_generation
 from .bulk_generation import BulkGenerationOutput
 from .expert_offload import ExpertOffloader
+
+
+@dataclass
+class MultiExpertPipelineOutput(ImagePipelineOutput):
+    r"""
+    Output of [`MultiExpertPipeline`]: diffusers' `ImagePipelineOutput` plus, for a run that stopped at
+    `denoising_end`, the scheduler as it stopped.
+
+    Args:
+        images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`): The images (or latents).
+        solver_state ([`SchedulerMixin`], *optional*): A copy of the scheduler after the run's last step, with its
+            multistep history (DPM-Solver, UniPC, ...) or half-done second-order step (Heun). Pass it with the
+            latents to the run that starts at `denoising_start` to continue exactly where this run stopped.
+    """
+
+    solver_state: SchedulerMixin | None = None
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -187,6 +205,7 @@ class MultiExpertPipeline(HubPushMixin, DiffusionPipeline):
         output_type: str,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        solver_state: SchedulerMixin | None = None,
     ) -> None:
         """Raise a `ValueError` / `TypeError` naming the argument for any bad input of [`~MultiExpertPipeline.__call__`]."""
         if output_type not in OUTPUT_TYPES:
@@ -204,6 +223,7 @@ class MultiExpertPipeline(HubPushMixin, DiffusionPipeline):
         if latents is not None and (not torch.is_tensor(latents) or tuple(latents.shape) != shape):
             got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
             raise ValueError(f"`latents` must have shape {shape} (batch, channels, height, width), got {got}.")
+        self._check_solver_state(solver_state, num_inference_steps, denoising_start)
         guided = self._check_guidance_scale(guidance_scale)
         self._check_class_labels(class_labels, batch_size, guided)
         if callback_on_step_end is not None and not callable(callback_on_step_end):
@@ -212,6 +232,25 @@ class MultiExpertPipeline(HubPushMixin, DiffusionPipeline):
         if unknown:
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` {unknown} are not available; valid: {self._callback_tensor_inputs}."
+            )
+
+    def _check_solver_state(self, solver_state, num_inference_steps: int, denoising_start: float | None) -> None:
+        if solver_state is None:
+            return
+        if denoising_start is None:
+            raise ValueError(
+                "`solver_state` continues a run that stopped at `denoising_end`: pass it with `denoising_start` (and "
+                "the handed-over `latents`)."
+            )
+        if type(solver_state) is not type(self.scheduler):
+            raise TypeError(
+                f"`solver_state` must be the `solver_state` of a run of this pipeline's scheduler "
+                f"({type(self.scheduler).__name__}), got {type(solver_state).__name__}."
+            )
+        if solver_state.num_inference_steps != num_inference_steps:
+            raise ValueError(
+                f"`solver_state` comes from a {solver_state.num_inference_steps}-step run, but num_inference_steps="
+                f"{num_inference_steps}: split runs share one schedule, pass the same num_inference_steps."
             )
 
     def _check_guidance_scale(self, guidance_scale) -> bool:
@@ -321,16 +360,20 @@ class MultiExpertPipeline(HubPushMixin, DiffusionPipeline):
         device: torch.device,
         denoising_start: float | None,
         denoising_end: float | None,
+        scheduler: SchedulerMixin | None = None,
     ) -> tuple[torch.Tensor, int]:
         r"""
         Set the scheduler's timesteps (a [`BlendedScheduler`] aligns them to the mixture's experts) and return the
         run's part of them, with the index of its first step (SDXL base/refiner: `denoising_start` / `denoising_end`
-        are fractions of the noise range; a timestep within the routing tolerance of a cut counts as on it).
+        are fractions of the noise range; a timestep within the routing tolerance of a cut counts as on it). A
+        `scheduler` handed over by a split run (its `solver_state`) keeps its timesteps and state and must have
+        stopped exactly at `denoising_start`.
         """
-        scheduler = self.scheduler
-        if isinstance(scheduler, BlendedScheduler):
+        handed_over = scheduler is not None
+        scheduler = scheduler if handed_over else self.scheduler
+        if not handed_over and isinstance(scheduler, BlendedScheduler):
             scheduler.set_timesteps(num_inference_steps, device=device, mixture=self.unet)
-        else:
+        elif not handed_over:
             scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps, num_train_timesteps = scheduler.timesteps, self.unet.config.num_train_timesteps
 
@@ -349,7 +392,14 @@ class MultiExpertPipeline(HubPushMixin, DiffusionPipeline):
                 f"`denoising_start`={denoising_start} / `denoising_end`={denoising_end} select no step of the "
                 f"{len(timesteps)}-step schedule: widen the range or use more inference steps."
             )
-        if begin > 0 and hasattr(scheduler, "set_begin_index"):
+        stopped_at = getattr(scheduler, "step_index", None) if handed_over else None
+        if stopped_at is not None and stopped_at != begin:
+            raise ValueError(
+                f"`solver_state` stopped at step {stopped_at} of {len(timesteps)}, but denoising_start="
+                f"{denoising_start} starts at step {begin}: pass the fraction the first run ended at (its "
+                f"`denoising_end`)."
+            )
+        if begin > 0 and not handed_over and hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(begin)
         return timesteps[begin:end], begin
 
@@ -435,7 +485,8 @@ class MultiExpertPipeline(HubPushMixin, DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
-    ) -> ImagePipelineOutput | tuple:
+        solver_state: SchedulerMixin | None = None,
+    ) -> MultiExpertPipelineOutput | tuple:
         r"""
         Generate images with the mixture; each model call is routed by the mixture to the expert(s) that own the
         timestep the call is conditioned on.
@@ -462,9 +513,13 @@ class MultiExpertPipeline(HubPushMixin, DiffusionPipeline):
             callback_on_step_end (`Callable`, *optional*): `callback(pipe, step_index, timestep, callback_kwargs)`
                 called after every step; may return `{"latents": ...}` to replace them.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): Tensors passed to it.
+            solver_state ([`SchedulerMixin`], *optional*): With `denoising_start`, the `solver_state` returned by the
+                run that stopped at `denoising_end`: the multistep history continues, so the two runs give exactly the
+                images of one run (without it, a multistep solver restarts at first order).
 
         Returns:
-            [`~pipelines.ImagePipelineOutput`] or `tuple`: the images.
+            [`MultiExpertPipelineOutput`] or `tuple`: the images, and the `solver_state` of a run that stopped at
+            `denoising_end` (the tuple holds the fields that are not `None`, as diffusers' outputs do).
 
         Example:
             ```py
@@ -487,6 +542,7 @@ class MultiExpertPipeline(HubPushMixin, DiffusionPipeline):
             output_type,
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
+            solver_state,
         )
 
         # 2. Define call parameters: one guidance scale per expert, the class labels of the images
@@ -494,8 +550,15 @@ class MultiExpertPipeline(HubPushMixin, DiffusionPipeline):
         guidance_scales = self._guidance_scales(guidance_scale)
         class_labels = self._class_labels(class_labels, batch_size, device)
 
-        # 3. Prepare timesteps: this run's part of the schedule
-        timesteps, begin_index = self.prepare_timesteps(num_inference_steps, device, denoising_start, denoising_end)
+        # 3. Prepare timesteps: this run's part of the schedule (a handed-over solver continues where it stopped)
+        scheduler = self.scheduler if solver_state is None else copy.deepcopy(solver_state)
+        timesteps, begin_index = self.prepare_timesteps(
+            num_inference_steps,
+            device,
+            denoising_start,
+            denoising_end,
+            scheduler if solver_state is not None else None,
+        )
 
         # 4. Prepare latent variables: fresh noise, or the latents handed over by a run that stopped at denoising_end
         latents = self.prepare_latents(batch_size, generator, latents, device, handed_over=denoising_start is not None)
@@ -510,10 +573,10 @@ class MultiExpertPipeline(HubPushMixin, DiffusionPipeline):
                 experts = self.unet.active_experts(t)
 
                 # 6.2 predict the noise residual (with per-expert offload, exactly those experts are on the device)
-                noise_pred = self._predict_noise(self.scheduler, latents, t, class_labels, experts, guidance_scales)
+                noise_pred = self._predict_noise(scheduler, latents, t, class_labels, experts, guidance_scales)
 
                 # 6.3 compute the previous noisy sample x_t -> x_t-1
-                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
+                latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
 
                 if callback_on_step_end is not None:
                     callback_kwargs = {}
@@ -527,9 +590,10 @@ class MultiExpertPipeline(HubPushMixin, DiffusionPipeline):
         # 7. Decode
         image = self._decode(latents, output_type)
         self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return ImagePipelineOutput(images=image)
+        output = MultiExpertPipelineOutput(
+            images=image, solver_state=copy.deepcopy(scheduler) if denoising_end is not None else None
+        )
+        return output if return_dict else output.to_tuple()
 
     # ------------------------------------------------------------------ expert-major bulk generation
 
