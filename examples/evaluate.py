@@ -1,4 +1,4 @@
-"""Evaluate a multi-expert model or a folder of samples: FID, KID, Inception Score, precision / recall, params, MACs.
+r"""Evaluate a multi-expert model or a folder of samples: FID, KID, Inception Score, precision / recall, params, MACs.
 
 Metrics come from torch-fidelity and never download anything. Two feature extractors:
 
@@ -6,11 +6,16 @@ Metrics come from torch-fidelity and never download anything. Two feature extrac
   `--inception_weights`; on a machine with internet get it once with
   `wget https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth`
 - `--extractor classifier` (offline): a small classifier trained on labelled reference images and saved to
-  `--classifier_dir` (safetensors + config.json) on first use, reloaded afterwards so figures stay comparable.
+  `--classifier_dir` (safetensors + config.json) on first use, reloaded afterwards so figures stay comparable. Its
+  accuracy on held-out reference images is measured and recorded; below `--min_classifier_accuracy` (0.9) evaluation
+  stops with an error instead of printing meaningless scores, and such a classifier is neither saved nor reused.
 
     # generate 1000 samples from a saved pipeline or mixture (expert-major, resumable) and score them against MNIST
     python examples/evaluate.py --model my-pipeline --num_images 1000 --reference mnist \
         --extractor classifier --classifier_dir mnist-classifier --out eval/
+    # a class-conditional model: every class in turn (or --class_label 3 7), guided
+    python examples/evaluate.py --model outputs/demo --num_images 500 --class_label all --guidance_scale 1.5 \
+        --reference mnist --classifier_dir mnist-classifier --out eval/
     # a folder of samples against a folder of real images, with a local Inception file
     python examples/evaluate.py --samples samples/ --reference real/ --extractor inception \
         --inception_weights weights-inception-2015-12-05-6726825d.pth --out eval/
@@ -32,9 +37,13 @@ from diffusers_experts.constants import CONFIG_NAME
 from diffusers_experts.evaluation import (
     CLASSIFIER_EXTRACTOR_NAME,
     INCEPTION_NAME,
+    MIN_EXTRACTOR_ACCURACY,
     ReferenceClassifier,
+    UsageError,
+    class_labels_for,
     compute_metrics,
     count_parameters,
+    guidance_for,
     load_pipeline,
     mixture_macs_per_call,
     mnist_digits,
@@ -44,8 +53,12 @@ from diffusers_experts.evaluation import (
 from diffusers_experts.saving import atomic_file
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`--help` with the defaults and the docstring's line breaks."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="MultiExpertPipeline or ExpertMixtureUNet folder, or a Hub repo id.")
     source.add_argument("--samples", help="Folder of generated images.")
@@ -53,7 +66,15 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=50, help="Inference steps with --model.")
     parser.add_argument("--scheduler", default="ddim", help="Scheduler name (see diffusers_experts.schedulers).")
-    parser.add_argument("--class_label", type=int, default=None, help="Class of class-conditional experts.")
+    parser.add_argument(
+        "--class_label",
+        nargs="+",
+        default=None,
+        help="Class-conditional models: labels cycled over the images, or all.",
+    )
+    parser.add_argument(
+        "--guidance_scale", type=float, nargs="+", default=[1.0], help="One value, or one per expert (expert 0 first)."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference", default=None, help="Folder of real images, or 'mnist' (bundled digits).")
     parser.add_argument("--reference_dataset", default=None, help="A datasets dataset (save_to_disk folder or id).")
@@ -64,11 +85,22 @@ def parse_args(argv=None):
     parser.add_argument("--extractor", choices=["inception", "classifier"], default="classifier")
     parser.add_argument("--inception_weights", default=None, help="Local Inception-v3 weights (.pth / .safetensors).")
     parser.add_argument("--classifier_dir", default=None, help="Saved ReferenceClassifier (trained here if absent).")
-    parser.add_argument("--classifier_steps", type=int, default=1000)
+    parser.add_argument("--classifier_steps", type=int, default=500, help="Training steps of a new classifier.")
+    parser.add_argument(
+        "--min_classifier_accuracy",
+        type=float,
+        default=MIN_EXTRACTOR_ACCURACY,
+        help="Held-out accuracy the classifier must reach; below it evaluation stops (its scores would be meaningless).",
+    )
     parser.add_argument("--kid_subset_size", type=int, default=None)
     parser.add_argument("--isc_splits", type=int, default=10)
     parser.add_argument("--out", default="eval")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if (args.reference is None) == (args.reference_dataset is None):
         parser.error("give exactly one of --reference (folder or 'mnist') and --reference_dataset")
@@ -97,9 +129,27 @@ def load_reference(args) -> tuple[torch.Tensor, torch.Tensor | None]:
     return to_uint8_images(dataset, "reference", image_column=args.image_column), labels
 
 
+def check_classifier(classifier: ReferenceClassifier, args) -> None:
+    """Refuse a classifier whose recorded held-out accuracy is missing or below `--min_classifier_accuracy`."""
+    accuracy = classifier.config.get("heldout_accuracy")
+    if accuracy is None:
+        raise UsageError(
+            f"--classifier_dir {args.classifier_dir} holds a classifier without a recorded held-out accuracy (saved by "
+            f"an older version): delete the folder to train a new one."
+        )
+    if accuracy < args.min_classifier_accuracy:
+        raise UsageError(
+            f"--classifier_dir {args.classifier_dir}: the classifier's held-out accuracy {accuracy:.3f} is below "
+            f"--min_classifier_accuracy {args.min_classifier_accuracy}; its FID/KID would be meaningless. Raise "
+            f"--classifier_steps (or give more labelled reference images); a new classifier is saved only if it passes."
+        )
+
+
 def load_classifier(args, reference: torch.Tensor, labels: torch.Tensor | None) -> str:
-    """Folder of the offline feature extractor: reloaded when saved, else trained on the labelled reference."""
+    """Folder of the offline feature extractor: reloaded when saved (and accurate enough), else trained on the
+    labelled reference and saved only if it reaches `--min_classifier_accuracy`."""
     if os.path.isfile(os.path.join(args.classifier_dir, CONFIG_NAME)):
+        check_classifier(ReferenceClassifier.from_pretrained(args.classifier_dir), args)
         return args.classifier_dir
     if labels is None:
         raise ValueError(
@@ -108,17 +158,19 @@ def load_classifier(args, reference: torch.Tensor, labels: torch.Tensor | None) 
         )
     start = time.perf_counter()
     classifier = ReferenceClassifier.fit(reference, labels, steps=args.classifier_steps, seed=args.seed)
+    accuracy = classifier.config.heldout_accuracy
+    print(f"trained the feature extractor in {time.perf_counter() - start:.0f}s (held-out accuracy {accuracy:.3f})")
+    check_classifier(classifier, args)
     classifier.save_pretrained(args.classifier_dir)
-    accuracy = classifier.accuracy(reference, labels)
-    print(f"trained the feature extractor in {time.perf_counter() - start:.0f}s (reference accuracy {accuracy:.3f})")
     return args.classifier_dir
 
 
 def generate(args) -> tuple[str, dict]:
     """Generate `--num_images` into `<out>/samples` (expert-major, resumable); params and MACs of the model."""
     pipe = load_pipeline(args.model, scheduler=args.scheduler)
+    labels = class_labels_for(args.class_label, args.num_images, pipe.unet.config.num_class_embeds)
+    guidance = guidance_for(args.guidance_scale, pipe.unet.num_experts)
     pipe.to(args.device)
-    pipe.set_progress_bar_config(disable=True)
     sample_dir = os.path.join(args.out, "samples")
     start = time.perf_counter()
     pipe.generate_many(
@@ -126,8 +178,9 @@ def generate(args) -> tuple[str, dict]:
         batch_size=args.batch_size,
         seed=args.seed,
         output_dir=sample_dir,
-        class_labels=args.class_label,
+        class_labels=labels,
         num_inference_steps=args.steps,
+        guidance_scale=guidance,
     )
     seconds = time.perf_counter() - start
     mixture = pipe.unet
@@ -162,6 +215,7 @@ def main(args) -> dict:
         isc_splits=args.isc_splits,
         device=args.device,
         seed=args.seed,
+        min_extractor_accuracy=args.min_classifier_accuracy,
         **extractor,
     )
     result = {**model_info, **scores, "extractor": args.extractor, "settings": vars(args)}
@@ -181,4 +235,8 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli = build_parser()
+    try:
+        main(parse_args())
+    except UsageError as error:  # found once the model or the classifier is loaded: one line naming the flag
+        cli.error(str(error))

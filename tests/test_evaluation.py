@@ -171,3 +171,19 @@ def test_classifier_bad_inputs(classifier, digits, tmp_path):
     with pytest.raises(ValueError, match="safetensors"):
         classifier.save_pretrained(tmp_path / "c", safe_serialization=False)
     assert not (tmp_path / "c").exists()
+
+
+def test_metrics_refuse_an_extractor_that_did_not_learn(digits):
+    images, labels = digits
+    assert ReferenceClassifier.fit(images, labels, steps=1, progress=False).config.heldout_accuracy < 0.9
+    weak = ReferenceClassifier.fit(images, labels, steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"held-out accuracy is 0\.\d+, below the required 0\.9"):
+        compute_metrics(images[:50], images[50:100], metrics=("fid",), feature_extractor=weak)
+    unmeasured = ReferenceClassifier.fit(images, labels, steps=1, holdout=0.0, progress=False)
+    with pytest.raises(ValueError, match="no recorded held-out accuracy"):
+        compute_metrics(images[:50], images[50:100], metrics=("fid",), feature_extractor=unmeasured)
+    # an explicit opt-out is the only way past the check
+    scores = compute_metrics(
+        images[:50], images[50:100], metrics=("fid",), feature_extractor=weak, min_extractor_accuracy=None
+    )
+    assert scores["fid"] >= 0

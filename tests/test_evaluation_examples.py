@@ -48,6 +48,7 @@ def test_evaluate_generates_and_scores_a_saved_mixture(saved, tmp_path, capsys):
             "--model", str(saved / "mixture"), "--num_images", "6", "--batch_size", "3", "--steps", "2",
             "--reference", str(saved / "real"), "--metrics", "fid", "kid", "--kid_subset_size", "5",
             "--classifier_dir", str(saved / "classifier"), "--out", str(tmp_path), "--device", "cpu",
+            "--min_classifier_accuracy", "0",  # a 2-step classifier: the plumbing is tested, not the figures
         ]
     )  # fmt: skip
     result = evaluate.main(args)
@@ -68,6 +69,41 @@ def test_evaluate_refuses_to_train_a_classifier_without_labels(saved, tmp_path):
         evaluate.main(args)
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--samples", "x", "--reference", "y", "--extractor", "inception"])  # no weights file
+
+
+def test_evaluate_stops_on_an_untrained_classifier_and_does_not_cache_it(saved, tmp_path):
+    evaluate = _load("examples/evaluate.py")
+    argv = ["--samples", str(saved / "real"), "--reference", "mnist", "--metrics", "fid", "--out", str(tmp_path)]
+    folder = tmp_path / "clf"
+    # 2 training steps stay near chance: evaluation stops before scoring, and nothing is cached
+    with pytest.raises(evaluate.UsageError, match=r"held-out accuracy 0\.\d+ is below --min_classifier_accuracy 0\.9"):
+        evaluate.main(evaluate.parse_args([*argv, "--classifier_dir", str(folder), "--classifier_steps", "2"]))
+    assert not folder.exists() and not (tmp_path / "metrics.json").exists()
+    # a cached classifier below the threshold (here the saved 2-step one of the fixture) is refused too
+    with pytest.raises(evaluate.UsageError, match="below --min_classifier_accuracy"):
+        evaluate.main(evaluate.parse_args([*argv, "--classifier_dir", str(saved / "classifier")]))
+    # the command line prints it as one usage line naming the flag
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.build_parser().error("--classifier_dir x: ...")
+    assert exit_info.value.code == 2
+
+
+def test_evaluate_scores_class_conditional_models_per_class(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from conftest import tiny_unet
+    from diffusers_experts import ExpertMixtureUNet, MultiExpertPipeline
+
+    experts = [tiny_unet(k, num_class_embeds=11) for k in range(2)]
+    pipe = MultiExpertPipeline(unet=ExpertMixtureUNet.from_experts(experts), scheduler=DDPMScheduler())
+    pipe.save_pretrained(tmp_path / "pipe")
+    evaluate = _load("examples/evaluate.py")
+    argv = ["--model", str(tmp_path / "pipe"), "--num_images", "4", "--steps", "2", "--reference", "mnist"]
+    argv += ["--classifier_dir", str(tmp_path / "clf"), "--out", str(tmp_path / "eval")]
+    with pytest.raises(evaluate.UsageError, match="--class_label is required.*10 classes"):
+        evaluate.generate(evaluate.parse_args(argv))
+    samples, info = evaluate.generate(evaluate.parse_args([*argv, "--class_label", "all", "--guidance_scale", "2.0"]))
+    assert sorted(os.listdir(samples)) == [f"{i:06d}.png" for i in range(4)] and info["macs_per_step"] > 0
 
 
 def test_analyze_frequency_on_a_saved_mixture(saved, tmp_path):

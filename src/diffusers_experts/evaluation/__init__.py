@@ -12,7 +12,13 @@ from .complexity import (
     mixture_macs_per_call,
     mixture_macs_schedule,
 )
-from .feature_extractor import CLASSIFIER_EXTRACTOR_NAME, ClassifierFeatureExtractor, ReferenceClassifier
+from .feature_extractor import (
+    CLASSIFIER_EXTRACTOR_NAME,
+    MIN_EXTRACTOR_ACCURACY,
+    ClassifierFeatureExtractor,
+    ReferenceClassifier,
+    check_extractor_accuracy,
+)
 from .fourier import (
     FourierAnalysis,
     capture_feature_maps,
@@ -37,10 +43,13 @@ from .plots import (
     plot_routing,
     save_image_grid,
 )
-from .trained_model import load_pipeline
+from .trained_model import UsageError, class_labels_for, guidance_for, load_pipeline
 
 
 __all__ = [
+    "UsageError",
+    "class_labels_for",
+    "guidance_for",
     "CLASSIFIER_EXTRACTOR_NAME",
     "ClassifierFeatureExtractor",
     "FourierAnalysis",
@@ -49,7 +58,9 @@ __all__ = [
     "ImageTensorDataset",
     "MNIST_NUM_CLASSES",
     "MNIST_NUM_DIGITS",
+    "MIN_EXTRACTOR_ACCURACY",
     "ReferenceClassifier",
+    "check_extractor_accuracy",
     "attention_flop_formulas",
     "attention_shares",
     "capture_feature_maps",

@@ -21,7 +21,12 @@ import torch_fidelity
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .feature_extractor import CLASSIFIER_EXTRACTOR_NAME, ReferenceClassifier
+from .feature_extractor import (
+    CLASSIFIER_EXTRACTOR_NAME,
+    MIN_EXTRACTOR_ACCURACY,
+    ReferenceClassifier,
+    check_extractor_accuracy,
+)
 
 
 INCEPTION_NAME = "inception-v3-compat"
@@ -172,6 +177,7 @@ def compute_metrics(
     seed: int = 2020,
     image_column: str | None = None,
     verbose: bool = False,
+    min_extractor_accuracy: float | None = MIN_EXTRACTOR_ACCURACY,
 ) -> dict[str, float]:
     r"""
     FID, KID, Inception Score and precision / recall of `samples` against `reference`, computed by torch-fidelity
@@ -196,6 +202,9 @@ def compute_metrics(
         seed (`int`, defaults to 2020): Seed of KID's random subsets.
         image_column (`str`, *optional*): Image column of `datasets.Dataset` inputs.
         verbose (`bool`, defaults to `False`): torch-fidelity's progress output.
+        min_extractor_accuracy (`float`, *optional*, defaults to 0.9): A [`ReferenceClassifier`] extractor must have
+            recorded at least this held-out accuracy (see [`ReferenceClassifier.fit`]), else a `ValueError`: an
+            untrained extractor scores every sample set as near-perfect. `None` skips the check.
 
     Returns:
         `dict[str, float]`: keys among `fid`, `kid_mean`, `kid_std`, `isc_mean`, `isc_std`, `precision`, `recall`,
@@ -269,6 +278,7 @@ def compute_metrics(
     # 3. the feature extractor: a local Inception file, or the project's classifier; never a download
     with tempfile.TemporaryDirectory(prefix="diffusers-experts-metrics-") as workdir:
         if isinstance(feature_extractor, ReferenceClassifier):
+            check_extractor_accuracy(feature_extractor, min_extractor_accuracy)
             feature_extractor.save_pretrained(os.path.join(workdir, "classifier"))
             name, weights = CLASSIFIER_EXTRACTOR_NAME, os.path.join(workdir, "classifier")
         elif feature_extractor == CLASSIFIER_EXTRACTOR_NAME:
@@ -277,6 +287,9 @@ def compute_metrics(
                     f"`feature_extractor_weights_path` must be the folder of a saved ReferenceClassifier for "
                     f"feature_extractor={CLASSIFIER_EXTRACTOR_NAME!r}, got {feature_extractor_weights_path!r}."
                 )
+            check_extractor_accuracy(
+                ReferenceClassifier.from_pretrained(feature_extractor_weights_path), min_extractor_accuracy
+            )
             name, weights = CLASSIFIER_EXTRACTOR_NAME, os.fspath(feature_extractor_weights_path)
         elif feature_extractor == INCEPTION_NAME:
             if feature_extractor_weights_path is None:
