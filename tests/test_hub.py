@@ -434,3 +434,13 @@ print("FAILED", failed)
         [sys.executable, "-c", script, *modules], capture_output=True, text=True, timeout=600, check=False
     )
     assert result.returncode == 0 and "FAILED []" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_missing_local_folder_is_not_reported_as_only_a_hub_problem(hub_server, tmp_path, monkeypatch):
+    from diffusers_experts.evaluation import load_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"Hub repo 'my-run'.*There is no local folder 'my-run' either"):
+        load_pipeline("my-run")  # a typo'd output folder: the loopback Hub has no such repo
+    with pytest.raises(ValueError, match=r"'\./runs/my-run' is neither a model folder nor a Hub repo id"):
+        load_pipeline("./runs/my-run")

@@ -109,3 +109,27 @@ def test_card_metadata_errors(tmp_path):
         mixture_model_card(tiny_unet())
     with pytest.raises(ValueError, match="save the model first"):
         save_model_cards(tmp_path / "nothing", mixture)
+
+
+def test_pipeline_card_usage_runs_for_a_class_conditional_pipeline(tmp_path):
+    import re
+
+    from diffusers import DDPMScheduler
+
+    from diffusers_experts import MultiExpertPipeline
+
+    experts = [tiny_unet(k, num_class_embeds=11) for k in range(2)]  # 10 classes + the null class
+    pipe = MultiExpertPipeline(unet=ExpertMixtureUNet.from_experts(experts), scheduler=DDPMScheduler())
+    pipe.save_pretrained(tmp_path / "pipe")
+    card = str(mixture_model_card(pipe, {"hyperparameters": {"guidance_scale": 1.5}}))
+    assert "10 classes (class index 10 is the null class" in card and "11 classes" not in card
+    usage = re.search(r"```py(?:thon)?\n(.*?)```", card, re.S).group(1)
+    assert "class_labels=[0, 1, 2, 3], guidance_scale=1.5" in usage
+    namespace = {}
+    exec(
+        usage.replace('"path/to/model"', repr(str(tmp_path / "pipe"))).replace(
+            "batch_size=4", "batch_size=4, num_inference_steps=2"
+        ),
+        namespace,
+    )
+    assert len(namespace["images"]) == 4

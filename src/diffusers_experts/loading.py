@@ -207,11 +207,13 @@ def _where(repo_id: str, revision: str | None) -> str:
 def _hub_errors(repo_id: str, hub_options: Mapping, what: str) -> Iterator[None]:
     """Turn huggingface_hub's not-found errors into `ValueError`s naming `what`, the repo and the revision."""
     revision = hub_options.get("revision")
+    # a bare name may have been meant as a local folder: say that there is none
+    local = "" if "/" in repo_id else f" There is no local folder {repo_id!r} either (relative to {os.getcwd()!r})."
     try:
         yield
     except RepositoryNotFoundError as error:
         raise ValueError(
-            f"{what}: Hub repo {repo_id!r} was not found (check the repo id, or the `token` for a private repo)."
+            f"{what}: Hub repo {repo_id!r} was not found (check the repo id, or the `token` for a private repo).{local}"
         ) from error
     except RevisionNotFoundError as error:
         raise ValueError(f"{what}: revision {revision!r} does not exist in Hub repo {repo_id!r}.") from error
@@ -220,7 +222,9 @@ def _hub_errors(repo_id: str, hub_options: Mapping, what: str) -> Iterator[None]
     except LocalEntryNotFoundError as error:
         offline = hub_options.get("local_files_only", False)
         reason = "`local_files_only=True` and it is" if offline else "the Hub is unreachable and it is"
-        raise ValueError(f"{what}: {_where(repo_id, revision)} is needed, but {reason} not in the cache.") from error
+        raise ValueError(
+            f"{what}: {_where(repo_id, revision)} is needed, but {reason} not in the cache.{local}"
+        ) from error
 
 
 def _snapshot(repo_id: str, allow_patterns: list[str] | None, hub_options: Mapping, what: str) -> str:

@@ -246,11 +246,18 @@ def mixture_model_card(model, metadata: Mapping | None = None):
         base_model=base_models or None,
     )
     name = '"' + (repo_id or "path/to/model") + '"'
+    # class-conditional experts reserve their last class index for the null class of classifier-free guidance
+    num_classes = config.num_class_embeds - 1 if config.num_class_embeds else None
     if pipeline is not None:
+        call = "batch_size=4"
+        if num_classes:
+            guidance = (meta.get("hyperparameters") or {}).get("guidance_scale")
+            call += f", class_labels={[k % num_classes for k in range(4)]}"
+            call += f", guidance_scale={guidance}" if guidance is not None else ""
         usage = (
             "from diffusers_experts import MultiExpertPipeline\n\n"
             f"pipeline = MultiExpertPipeline.from_pretrained({name})\n"
-            "images = pipeline(batch_size=4).images"
+            f"images = pipeline({call}).images"
         )
     else:
         usage = (
@@ -273,7 +280,7 @@ def mixture_model_card(model, metadata: Mapping | None = None):
         num_experts=mixture.num_experts,
         sample_size=config.sample_size,
         in_channels=config.in_channels,
-        num_class_embeds=config.num_class_embeds,
+        num_classes=num_classes,
         experts=_expert_rows(mixture, meta, subfolder),
         routing=config.routing,
         routing_details=_routing_details(config),
