@@ -152,7 +152,10 @@ def main(args):
     total_steps = optimizer_steps(args, dataloader, accelerator)
     lr_scheduler = make_lr_scheduler(optimizer, args, accelerator, total_steps)
     model, optimizer, lr_scheduler, dataloader = accelerator.prepare(mixture, optimizer, lr_scheduler, dataloader)
-    ema = make_ema(args, accelerator, list(mixture.experts), range(mixture.num_experts))
+    # the learned schedule is averaged with the experts: exporting averaged experts with the last raw logits would pair
+    # weights that were never trained together
+    routing_parameters = [mixture.routing_logits] if mixture.routing_logits is not None else None
+    ema = make_ema(args, accelerator, list(mixture.experts), range(mixture.num_experts), routing_parameters)
     generator = process_generator(accelerator, args.seed)
 
     # 4. resume, train
@@ -180,6 +183,8 @@ def main(args):
         if ema is not None:
             for k in range(mixture.num_experts):
                 ema.step(k)
+            if routing_parameters is not None:
+                ema.step_routing()
         global_step += 1
         logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
         if mixture.routing_logits is not None:

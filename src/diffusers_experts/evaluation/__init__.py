@@ -26,6 +26,7 @@ from .fourier import (
     fourier_analysis,
     relative_log_amplitude,
 )
+from .heldout_loss import DEFAULT_HELDOUT_TIMESTEPS, HeldoutLoss, heldout_digits, heldout_loss
 from .metrics import (
     INCEPTION_NAME,
     INCEPTION_WEIGHTS_URL,
@@ -51,8 +52,10 @@ __all__ = [
     "class_labels_for",
     "guidance_for",
     "CLASSIFIER_EXTRACTOR_NAME",
+    "DEFAULT_HELDOUT_TIMESTEPS",
     "ClassifierFeatureExtractor",
     "FourierAnalysis",
+    "HeldoutLoss",
     "INCEPTION_NAME",
     "INCEPTION_WEIGHTS_URL",
     "ImageTensorDataset",
@@ -69,6 +72,8 @@ __all__ = [
     "default_fourier_layers",
     "expert_macs",
     "fourier_analysis",
+    "heldout_digits",
+    "heldout_loss",
     "load_pipeline",
     "measure_macs",
     "mixture_macs_per_call",

