@@ -1,18 +1,33 @@
-"""Per-step training time of train_meme's inner step vs a plain diffusers UNet2DModel training step.
+"""Training- and sampling-step times on the CPU: the train_meme inner step, and the iU-Net's time per MAC.
 
-Both steps train the *same* `UNet2DModel` on the *same* batch with the same optimizer: the plain step is the
-`train_unconditional.py` recipe (uniform timesteps, `add_noise`, MSE, backward, clip, AdamW); the MEME step is
-`examples/train_meme.py`'s `training_loss` on that model as expert k of a 4-expert `ExpertMixtureUNet` (soft
-timestep sampling through the mixture, class-free), then the same backward/clip/AdamW. Steps alternate between the
-two so that machine load affects both alike; the script prints the median step times and their ratio
-(target <= 1.05).
+1. `overhead`: train_meme's inner step vs a plain diffusers `UNet2DModel` training step. Both steps train the *same*
+   `UNet2DModel` on the *same* batch with the same optimizer: the plain step is the `train_unconditional.py` recipe
+   (uniform timesteps, `add_noise`, MSE, backward, clip, AdamW); the MEME step is `examples/train_meme.py`'s
+   `training_loss` on that model as expert k of a 4-expert `ExpertMixtureUNet` (soft timestep sampling through the
+   mixture, class-free), then the same backward/clip/AdamW. Prints the median step times and their ratio
+   (target <= 1.05).
+2. `architecture`: time per MAC of `IUNet2DModel` vs `UNet2DModel` (MEME's efficiency claim is in MACs; this checks
+   that it survives in wall-clock time). Both models have the widths, depth, head size and group count of the demo's
+   iU-Net (`examples/configs/meme_mnist_demo.json`, expert `--expert` of 4) and the same LDM attention placement
+   (`UNet2DModel`: attention blocks at every stage but the first; iU-Net: iFormer blocks in the encoder, attention
+   blocks in the decoder at every stage but the first). MACs per image come from
+   `diffusers_experts.evaluation.measure_macs`. Times: a training step (forward, backward, clip, AdamW) and an
+   inference call (`torch.no_grad()` forward), batch `--batch_size`. Prints ms / GMAC of each and the ratio
+   iU-Net / UNet2DModel (target <= 1.1).
 
-    OMP_NUM_THREADS=2 python benchmarks/train_step.py                 # CPU
+Every measurement alternates its two contenders (A, B, B, A, ...) in one process so that machine load affects both
+alike, and reports medians; the time-per-MAC ratio is the median over rounds of each round's ratio. On a CPU shared
+with other jobs, `--clock cpu` times this process's CPU time instead of the wall clock (one thread).
+
+    OMP_NUM_THREADS=1 python benchmarks/train_step.py                          # both, CPU, one thread
+    OMP_NUM_THREADS=1 python benchmarks/train_step.py --what architecture --resolution 16 --steps 30 --clock cpu
+    OMP_NUM_THREADS=1 python benchmarks/train_step.py --what architecture --widths 64 128 256   # wider models
     python benchmarks/train_step.py --device cuda --batch_size 64 --resolution 64
 """
 
 import argparse
 import importlib.util
+import json
 import os
 import statistics
 import time
@@ -21,10 +36,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
-from diffusers_experts import ExpertMixtureUNet
+from diffusers_experts import ExpertMixtureUNet, IUNet2DModel, meme_expert_config
+from diffusers_experts.evaluation import count_parameters, measure_macs
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CONFIG = os.path.join(ROOT, "examples", "configs", "meme_mnist_demo.json")
 
 
 def load_train_meme():
@@ -36,11 +53,25 @@ def load_train_meme():
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--what", choices=("overhead", "architecture", "both"), default="both")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--block_out_channels", type=int, nargs="+", default=[32, 64, 64])
+    parser.add_argument(
+        "--block_out_channels", type=int, nargs="+", default=[32, 64, 64], help="Widths of the `overhead` model."
+    )
+    parser.add_argument("--model_config", default=DEMO_CONFIG, help="iU-Net config of the `architecture` comparison.")
+    parser.add_argument("--expert", type=int, default=3, help="Expert (of 4) whose attention shares the iU-Net uses.")
+    parser.add_argument(
+        "--widths", type=int, nargs="+", default=None, help="`block_out_channels` of both `architecture` models."
+    )
     parser.add_argument("--steps", type=int, default=12, help="Timed steps of each kind (after 2 warm-up steps).")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: wall-clock time; cpu: this process's CPU time, robust to other jobs on the machine (one thread).",
+    )
     return parser.parse_args()
 
 
@@ -49,7 +80,33 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def main(args):
+def interleaved_times(steps: dict, repeats: int, device: str, clock: str = "wall", warmup: int = 2) -> dict:
+    """Seconds of each callable in `steps` over `repeats` rounds (after `warmup`), run alternately (A, B, B, A, ...).
+
+    `clock="cpu"` reads this process's CPU time (`time.process_time`) instead of the wall clock: on a machine shared
+    with other jobs it leaves out the time the process waits for a core (single-threaded CPU runs only).
+    """
+    timer = time.process_time if clock == "cpu" else time.perf_counter
+    times = {name: [] for name in steps}
+    order = list(steps)
+    for i in range(repeats + warmup):
+        for name in order if i % 2 == 0 else reversed(order):
+            sync(device)
+            start = timer()
+            steps[name]()
+            sync(device)
+            if i >= warmup:
+                times[name].append(timer() - start)
+    return times
+
+
+def interleaved_medians(steps: dict, repeats: int, device: str, clock: str = "wall", warmup: int = 2) -> dict:
+    """Median seconds of each callable in `steps` (see `interleaved_times`)."""
+    times = interleaved_times(steps, repeats, device, clock, warmup)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def overhead(args):
     train_meme = load_train_meme()
     torch.manual_seed(0)
     stages = len(args.block_out_channels)
@@ -79,49 +136,113 @@ def main(args):
     )
     generator = torch.Generator().manual_seed(0)
 
-    def plain_step():
-        noise = torch.randn(clean.shape, generator=generator).to(args.device)
-        timesteps = torch.randint(0, 1000, (clean.shape[0],), generator=generator).to(args.device)
-        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-        loss = F.mse_loss(model(noisy, timesteps).sample.float(), noise.float())
+    def step(loss):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    def plain_step():
+        noise = torch.randn(clean.shape, generator=generator).to(args.device)
+        timesteps = torch.randint(0, 1000, (clean.shape[0],), generator=generator).to(args.device)
+        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+        step(F.mse_loss(model(noisy, timesteps).sample.float(), noise.float()))
 
     def meme_step():
         loss = train_meme.training_loss(
             meme_args, mixture, model, 1, batch, noise_scheduler, None, generator, args.device
         )
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step(loss)
 
-    times = {"plain": [], "meme": []}
-    for i in range(args.steps + 2):
-        for name, step in (
-            (("plain", plain_step), ("meme", meme_step))
-            if i % 2 == 0
-            else (
-                ("meme", meme_step),
-                ("plain", plain_step),
-            )
-        ):
-            sync(args.device)
-            start = time.perf_counter()
-            step()
-            sync(args.device)
-            if i >= 2:
-                times[name].append(time.perf_counter() - start)
-    plain, meme = statistics.median(times["plain"]), statistics.median(times["meme"])
+    times = interleaved_medians({"plain": plain_step, "meme": meme_step}, args.steps, args.device, args.clock)
     print(
-        f"device {args.device}, threads {torch.get_num_threads()}, batch {args.batch_size}x3x{args.resolution}^2, "
-        f"UNet2DModel {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {args.steps} steps each"
+        f"[overhead] device {args.device}, threads {torch.get_num_threads()}, {args.clock} clock, "
+        f"batch {args.batch_size}x3x{args.resolution}^2, UNet2DModel {count_parameters(model) / 1e6:.2f}M params, "
+        f"{args.steps} steps each"
     )
-    print(f"plain UNet2DModel step: {plain * 1000:.1f} ms (median)")
-    print(f"train_meme inner step:  {meme * 1000:.1f} ms (median)")
-    print(f"ratio meme / plain: {meme / plain:.3f} (target <= 1.05)")
+    print(f"plain UNet2DModel step: {times['plain'] * 1000:.1f} ms (median)")
+    print(f"train_meme inner step:  {times['meme'] * 1000:.1f} ms (median)")
+    print(f"ratio meme / plain: {times['meme'] / times['plain']:.3f} (target <= 1.05)")
+
+
+def architecture_models(args):
+    """`(iunet, unet)`: the demo's iU-Net (expert `args.expert` of 4) and a `UNet2DModel` of the same widths."""
+    with open(args.model_config) as f:
+        config = json.load(f)
+    if args.widths:
+        config["block_out_channels"] = list(args.widths)
+    shape = dict(sample_size=args.resolution, in_channels=3, out_channels=3)
+    torch.manual_seed(0)
+    iunet = IUNet2DModel(**meme_expert_config(args.expert, 4, **config, **shape))
+    stages = len(config["block_out_channels"])
+    unet = UNet2DModel(
+        **shape,
+        block_out_channels=tuple(config["block_out_channels"]),
+        layers_per_block=config.get("layers_per_block", 2),
+        attention_head_dim=config.get("attention_head_dim", 32),
+        norm_num_groups=config.get("norm_num_groups", 32),
+        down_block_types=("DownBlock2D",) + ("AttnDownBlock2D",) * (stages - 1),
+        up_block_types=("AttnUpBlock2D",) * (stages - 1) + ("UpBlock2D",),
+    )
+    return iunet.to(args.device), unet.to(args.device)
+
+
+def architecture(args):
+    models = dict(zip(("iunet", "unet"), architecture_models(args)))
+    generator = torch.Generator().manual_seed(0)
+    shape = (args.batch_size, 3, args.resolution, args.resolution)
+    sample = torch.randn(shape, generator=generator).to(args.device)
+    noise = torch.randn(shape, generator=generator).to(args.device)
+    timesteps = torch.randint(0, 1000, (args.batch_size,), generator=generator).to(args.device)
+    macs = {name: measure_macs(m.eval(), sample[:1], timesteps[:1]) for name, m in models.items()}
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+
+    def train_step(name):
+        model, optimizer = models[name].train(), optimizers[name]
+
+        def step():
+            F.mse_loss(model(sample, timesteps).sample, noise).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    def inference_step(name):
+        model = models[name]
+
+        def step():
+            with torch.no_grad():
+                model.eval()(sample, timesteps)
+
+        return step
+
+    print(
+        f"[architecture] device {args.device}, threads {torch.get_num_threads()}, {args.clock} clock, "
+        f"batch {args.batch_size}x3x{args.resolution}^2, {args.steps} steps each, iU-Net = expert {args.expert} of 4 "
+        f"from {os.path.relpath(args.model_config, ROOT)}, widths {tuple(models['iunet'].config.block_out_channels)}"
+    )
+    for name, model in models.items():
+        size = f"{count_parameters(model) / 1e6:.3f}M params, {macs[name] / 1e6:.2f}M MACs/image"
+        print(f"{type(model).__name__:>13}: {size}")
+    for kind, make in (("training", train_step), ("inference", inference_step)):
+        times = interleaved_times({name: make(name) for name in models}, args.steps, args.device, args.clock)
+        median = {name: statistics.median(values) for name, values in times.items()}
+        per_gmac = {name: median[name] / (macs[name] * args.batch_size / 1e9) for name in models}
+        # the ratio of each round's pair of steps, then the median: load drifts between rounds cancel out
+        ratio = statistics.median(a / b for a, b in zip(times["iunet"], times["unet"])) * macs["unet"] / macs["iunet"]
+        print(
+            f"{kind:>9}: iU-Net {median['iunet'] * 1000:.1f} ms ({per_gmac['iunet'] * 1000:.1f} ms/GMAC), "
+            f"UNet2DModel {median['unet'] * 1000:.1f} ms ({per_gmac['unet'] * 1000:.1f} ms/GMAC); "
+            f"time-per-MAC ratio iU-Net / UNet2DModel: {ratio:.3f} (target <= 1.1)"
+        )
+
+
+def main(args):
+    if args.what in ("overhead", "both"):
+        overhead(args)
+    if args.what in ("architecture", "both"):
+        architecture(args)
 
 
 if __name__ == "__main__":

@@ -72,10 +72,11 @@ def test_unet2d_attention_counted():
 
 
 def test_iunet_attention_counted():
-    # tiny_iunet: stage 2 (32 ch, high ratio 0.469) -> 16 attention channels = 2 heads of 8 on a 2x-pooled 4x4 map,
-    # in one encoder iFormer block and the middle one; stage 1 has no attention channels.
+    # tiny_iunet (16 / 32 channels, head dim 8, high ratios 0.75 / 0.469, attention pooled 2x in both stages):
+    # stage-1 iFormer: 4 attention channels = 1 head of 4 on an 8x8 map; stage-2 iFormer: 17 = 2 heads of 9 on 4x4;
+    # the middle and the 2 decoder layers of stage 2: self-attention over 32 channels = 4 heads of 8 at 8x8.
     model, sample = tiny_iunet(), torch.randn(2, 3, 16, 16)
-    attention = 2 * (2 * 2 * 16 * 16 * (8 + 8))
+    attention = 2 * 1 * 64 * 64 * (4 + 4) + 2 * 2 * 16 * 16 * (9 + 9) + 3 * (2 * 4 * 64 * 64 * (8 + 8))
     assert measure_macs(model, sample, 10) - _plain_macs(model, sample, 10) == attention
 
 

@@ -74,6 +74,28 @@ def test_hooks_on_real_models_are_removed(make):
     assert set(result.to_dict()) == {"timesteps", "layers", "resolutions", "values", "high_frequency"}
 
 
+def test_default_layers_match_stage_by_stage_across_architectures():
+    # same stages (16x16, 8x8): the iU-Net and the UNet2DModel are read at the same resolutions in the same positions
+    images = torch.randn(2, 3, 16, 16)
+    analyses = {make.__name__: fourier_analysis(make(), images, [500]) for make in (tiny_unet, tiny_iunet)}
+    unet, iunet = analyses["tiny_unet"], analyses["tiny_iunet"]
+    assert unet.resolutions == iunet.resolutions == [16, 16, 8, 8, 8, 16]
+    assert unet.layers == [
+        "conv_in",
+        "down_blocks.0.resnets.0",
+        "down_blocks.1.attentions.0",
+        "mid_block",
+        "up_blocks.0.attentions.1",
+        "up_blocks.1.resnets.1",
+    ]
+    assert iunet.layers == ["conv_in", "down_layers.0", "down_layers.1", "mid_block", "up_layers.1", "up_layers.3"]
+    # deeper iU-Nets and UNets: still one map per stage, taken before the resampler
+    deep_unet, deep_iunet = tiny_unet(layers_per_block=2), tiny_iunet(layers_per_block=2)
+    maps = [capture_feature_maps(m, images, 500) for m in (deep_unet, deep_iunet)]
+    assert [m.shape[-1] for m in maps[0].values()] == [m.shape[-1] for m in maps[1].values()] == [16, 16, 8, 8, 8, 16]
+    assert list(maps[1])[1:3] == ["down_layers.1", "down_layers.3"]
+
+
 def test_fourier_bad_inputs():
     with pytest.raises(ValueError, match="`feature_map`"):
         relative_log_amplitude(torch.randn(3, 8, 8))

@@ -60,20 +60,39 @@ def _first_map(output) -> torch.Tensor | None:
     return None
 
 
-def default_fourier_layers(model: nn.Module) -> list[str]:
-    """Names of the blocks to analyse, input to output: `conv_in`, each down block, the middle, each up block.
+def _last_layer(prefix: str, block: nn.Module) -> str:
+    """Name of the last layer of a diffusers down / up block before its resampler: its last attention, else its last
+    ResNet."""
+    for part in ("attentions", "resnets"):
+        layers = getattr(block, part, None)
+        if layers is not None and len(layers) > 0:
+            return f"{prefix}.{part}.{len(layers) - 1}"
+    return prefix
 
-    Knows `UNet2DModel` (`down_blocks`, `mid_block`, `up_blocks`) and `IUNet2DModel` (`down_layers`, `mid_block`,
-    `up_layers`); any other model must be given explicit `layers`.
+
+def default_fourier_layers(model: nn.Module) -> list[str]:
+    """Names of the blocks to analyse, input to output, one per resolution stage: `conv_in`, the last layer of each
+    encoder stage (before its downsampler), the middle, the last layer of each decoder stage (before its upsampler).
+
+    Each stage is read at its own resolution, so architectures with the same stages give feature maps of the same
+    sizes in the same positions (an `IUNet2DModel` and a `UNet2DModel` of the same `block_out_channels`: MEME Fig. 6
+    compares experts of different architectures). Knows `UNet2DModel` and diffusers' other U-Nets (`down_blocks`,
+    `mid_block`, `up_blocks`) and `IUNet2DModel` (`down_layers`, `mid_block`, `up_layers`); any other model must be
+    given explicit `layers`.
     """
     names = dict(model.named_modules())
     layers = ["conv_in"] if "conv_in" in names else []
-    for down, up in (("down_blocks", "up_blocks"), ("down_layers", "up_layers")):
-        if down in names and up in names:
-            layers += [f"{down}.{i}" for i in range(len(names[down]))]
-            layers += ["mid_block"] if "mid_block" in names else []
-            layers += [f"{up}.{i}" for i in range(len(names[up]))]
-            return layers
+    mid = ["mid_block"] if "mid_block" in names else []
+    if "down_blocks" in names and "up_blocks" in names:
+        down = [_last_layer(f"down_blocks.{i}", block) for i, block in enumerate(names["down_blocks"])]
+        up = [_last_layer(f"up_blocks.{i}", block) for i, block in enumerate(names["up_blocks"])]
+        return layers + down + mid + up
+    config = getattr(model, "config", None)
+    if "down_layers" in names and "up_layers" in names and config is not None and "layers_per_block" in config:
+        depth, stages = config.layers_per_block, len(config.block_out_channels)
+        down = [f"down_layers.{(i + 1) * depth - 1}" for i in range(stages)]
+        up = [f"up_layers.{(i + 1) * (depth + 1) - 1}" for i in range(stages)]
+        return layers + down + mid + up
     raise ValueError(
         f"Cannot pick default layers of a {type(model).__name__}: pass `layers` (names from `model.named_modules()`)."
     )
@@ -192,8 +211,8 @@ def fourier_analysis(
         >>> from diffusers_experts.evaluation import fourier_analysis
         >>> model = IUNet2DModel(sample_size=16, block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=8)
         >>> result = fourier_analysis(model, torch.randn(4, 3, 16, 16), timesteps=[100, 900])
-        >>> len(result.high_frequency()), result.layers[:2]
-        (2, ['conv_in', 'down_layers.0'])
+        >>> len(result.high_frequency()), result.layers[:3], result.resolutions
+        (2, ['conv_in', 'down_layers.1', 'down_layers.3'], [16, 16, 8, 8, 8, 16])
         ```
     """
     if not torch.is_tensor(images) or images.ndim != 4:
