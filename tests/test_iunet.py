@@ -200,15 +200,16 @@ def test_narrow_model_keeps_attention_in_every_iformer_block():
     assert [(b.low_channels, b.low_mixer.num_heads, b.low_mixer.head_size) for b in blocks] == [(4, 1, 4), (17, 1, 17)]
 
 
-def _demo_config():
-    with open(os.path.join(ROOT, "examples", "configs", "meme_mnist_demo.json")) as f:
+def _demo_config(name="meme_mnist_demo.json"):
+    with open(os.path.join(ROOT, "examples", "configs", name)) as f:
         return json.load(f)
 
 
 # the widths whose experts must differ: the demo's, benchmarks/quality.py's small experts (width 8, head dim 8;
 # --quick: head dim 4; model_configs(): (w // 2, 3 * w // 2, 2 * w) with 4 groups below width 16) and MEME-S
 EXPERT_WIDTHS = {
-    "demo": _demo_config(),
+    "demo-width": _demo_config(),
+    "demo": _demo_config("meme_mnist_small.json"),  # the small experts `make demo` trains
     "benchmark": dict(block_out_channels=(4, 12, 16), layers_per_block=1, attention_head_dim=8, norm_num_groups=4),
     "benchmark-quick": dict(
         block_out_channels=(4, 12, 16), layers_per_block=1, attention_head_dim=4, norm_num_groups=4
