@@ -1,4 +1,4 @@
-"""examples/evaluate.py, examples/analyze_frequency.py and benchmarks/quality.py --quick, run in-process."""
+"""examples/evaluate.py and examples/analyze_frequency.py, run in-process (benchmarks/quality.py: test_benchmark_quality.py)."""
 
 import importlib.util
 import json
@@ -119,19 +119,3 @@ def test_analyze_frequency_on_a_saved_mixture(saved, tmp_path):
     assert json.loads((tmp_path / "fourier.json").read_text())["timesteps"] == [100, 900]
     for name in ("fourier_experts.png", "fourier_expert_0.png", "fourier_expert_1.png", "routing.png"):
         assert (tmp_path / name).stat().st_size > 1000
-
-
-def test_quality_benchmark_quick(tmp_path):
-    quality = _load("benchmarks/quality.py")
-    args = quality.parse_args(["--quick", "--output-dir", str(tmp_path), "--models", "unet,meme-soft"])
-    payload = quality.main(args)
-    assert [row["model"] for row in payload["rows"]] == ["real data", "unet", "meme-soft"]
-    rows = {row["model"]: row for row in payload["rows"]}
-    assert rows["unet"]["macs_per_step"] > 2 * rows["meme-soft"]["macs_per_step"]  # small experts
-    for row in payload["rows"][1:]:
-        assert row["params"] > 0 and row["fid"] >= 0 and 0 <= row["precision"] <= 1
-    assert json.loads((tmp_path / "results.json").read_text())["rows"][-1]["model"] == "meme-soft"
-    assert "| meme-soft |" in (tmp_path / "table.md").read_text()
-    plots = set(os.listdir(tmp_path / "plots"))
-    assert {"routing_meme-soft.png", "attention_share_meme-soft.png", "fourier_unet.png"} <= plots
-    assert {"fourier_experts_meme-soft.png", "samples_unet.png", "samples_meme-soft.png"} <= plots
