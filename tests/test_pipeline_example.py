@@ -48,7 +48,10 @@ def test_sample_script_class_labels_and_guidance_errors_name_the_flag(tmp_path, 
         ([], "--class_label is required: the model is class-conditional with 3 classes"),
         (["--class_label", "3"], "--class_label 3 is out of range: the model has 3 classes"),
         (["--class_label", "two"], "--class_label takes integers in 0..2 or .all., got two"),
-        (["--class_label", "1", "--guidance_scale", "1.0", "3.0"], "--guidance_scale takes one value or one per expert (4"),
+        (
+            ["--class_label", "1", "--guidance_scale", "1.0", "3.0"],
+            "--guidance_scale takes one value or one per expert (4",
+        ),
     ]:
         with pytest.raises(sample.UsageError, match=message.replace("(", r"\(")):
             sample.main(sample.parse_args([*argv, *extra]))
