@@ -69,14 +69,20 @@ class HeldoutLoss:
         return "\n".join(lines)
 
 
-def _prediction_target(noise_scheduler, clean, noise, timesteps, prediction_type):
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def prediction_target(
+    noise_scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """What the denoiser regresses: the noise `eps`, the velocity `v = sqrt(a_t) eps - sqrt(1 - a_t) x_0`, or `x_0`."""
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
         return noise_scheduler.get_velocity(clean, noise, timesteps)
     if prediction_type == "sample":
         return clean
-    raise ValueError(f"`prediction_type` must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}.")
+    raise ValueError(f"`prediction_type` must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}.")
 
 
 @torch.no_grad()
@@ -144,7 +150,7 @@ def heldout_loss(
                 noise = noise_all[i, start : start + batch_size]
                 t_batch = torch.full((clean.shape[0],), t, dtype=torch.long)
                 noisy = noise_scheduler.add_noise(clean, noise, t_batch)
-                target = _prediction_target(noise_scheduler, clean, noise, t_batch, prediction_type)
+                target = prediction_target(noise_scheduler, clean, noise, t_batch, prediction_type)
                 for condition in conditions:
                     labels = None
                     if condition == "cond":

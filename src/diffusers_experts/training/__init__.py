@@ -1,6 +1,7 @@
 """Building blocks shared by the training scripts in `examples/` (arguments, data, experts, objective, optimisation,
 EMA, checkpoints, run log, previews, export). One concept per module; the scripts themselves hold the training loops."""
 
+from ..evaluation.heldout_loss import PREDICTION_TYPES, prediction_target
 from .accelerator import make_accelerator, prepare_output_dir
 from .checkpointing import (
     GeneratorState,
@@ -33,15 +34,7 @@ from .experts import (
 )
 from .export import export_pipeline, export_run, push_pipeline, read_expert_runs, save_expert_run
 from .latents import LatentCache, encode_latents, load_vae
-from .objective import (
-    PREDICTION_TYPES,
-    apply_class_dropout,
-    class_embeddings,
-    denoising_loss,
-    make_noise_scheduler,
-    prediction_target,
-    training_labels,
-)
+from .objective import apply_class_dropout, class_embeddings, denoising_loss, make_noise_scheduler, training_labels
 from .optimization import make_lr_scheduler, make_optimizer, optimizer_step, optimizer_steps
 from .preview import sample_grid, save_preview
 from .run_log import RunLog

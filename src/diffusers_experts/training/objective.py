@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from ..evaluation.heldout_loss import prediction_target
 
 
 def make_noise_scheduler(args) -> DDPMScheduler:
@@ -19,19 +18,6 @@ def make_noise_scheduler(args) -> DDPMScheduler:
         beta_schedule=args.beta_schedule,
         prediction_type=args.prediction_type,
     )
-
-
-def prediction_target(
-    noise_scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str
-) -> torch.Tensor:
-    """What the denoiser regresses: the noise `eps`, the velocity `v = sqrt(a_t) eps - sqrt(1 - a_t) x_0`, or `x_0`."""
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(clean, noise, timesteps)
-    if prediction_type == "sample":
-        return clean
-    raise ValueError(f"`--prediction_type` must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}.")
 
 
 def denoising_loss(
