@@ -30,12 +30,14 @@ from diffusers_experts.evaluation import (
     read_image_folder,
 )
 from diffusers_experts.evaluation.feature_extractor import images_to_float
+from diffusers_experts.evaluation.trained_model import UsageError, usage_errors
 from diffusers_experts.loading import class_from_model_folder, resolve_model_folder
 from diffusers_experts.saving import atomic_file
+from diffusers_experts.training.arguments import HelpFormatter
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="Mixture, pipeline or single-model folder, or a Hub repo id.")
     parser.add_argument("--images", default="mnist", help="Folder of real images, or 'mnist' (bundled digits).")
     parser.add_argument("--num_images", type=int, default=64, help="Images averaged over.")
@@ -44,23 +46,28 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="frequency")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def load_model(name: str):
     """The model of a model folder (a mixture or a single diffusers model) or the `unet` of a pipeline folder, loaded
     with the class its config names."""
-    folder = resolve_model_folder(name)
-    if os.path.isfile(os.path.join(folder, MODEL_INDEX_NAME)):
-        folder = os.path.join(folder, "unet")
-    return class_from_model_folder(folder).from_pretrained(folder)
+    with usage_errors("--model", name):
+        folder = resolve_model_folder(name)
+        if os.path.isfile(os.path.join(folder, MODEL_INDEX_NAME)):
+            folder = os.path.join(folder, "unet")
+        return class_from_model_folder(folder).from_pretrained(folder)
 
 
 def load_images(source: str, num_images: int, channels: int, size: int, seed: int) -> torch.Tensor:
     """`num_images` real images as floats in [-1, 1] with the model's channels and size."""
     images = mnist_digits(32, seed=seed)[0] if source == "mnist" else read_image_folder(source)
     if num_images > len(images):
-        raise ValueError(f"`--num_images` {num_images} exceeds the {len(images)} images in {source!r}.")
+        raise UsageError(f"`--num_images` {num_images} exceeds the {len(images)} images in {source!r}.")
     return images_to_float(images[:num_images], channels, size)
 
 
@@ -98,4 +105,7 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except UsageError as error:  # found once the model or the images are loaded: one line naming the flag
+        build_parser().error(str(error))

@@ -36,10 +36,7 @@ from diffusers_experts.evaluation import (
     save_image_grid,
 )
 from diffusers_experts.saving import atomic_file
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """`--help` with the defaults and the docstring's line breaks."""
+from diffusers_experts.training.arguments import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:

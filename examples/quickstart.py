@@ -12,15 +12,16 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler
 
 from diffusers_experts import ExpertMixtureUNet, IUNet2DModel, meme_expert_config
+from diffusers_experts.training.arguments import HelpFormatter
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="outputs/quickstart")
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--output_dir", default="outputs/quickstart", help="Samples and the saved mixture.")
     parser.add_argument("--num_experts", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps.")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def main(args):

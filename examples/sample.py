@@ -20,10 +20,7 @@ from PIL import Image
 from diffusers_experts import BlendedScheduler
 from diffusers_experts.evaluation import UsageError, class_labels_for, guidance_for, load_pipeline, save_image_grid
 from diffusers_experts.schedulers import SCHEDULER_NAMES
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """`--help` with the defaults and the docstring's line breaks."""
+from diffusers_experts.training.arguments import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--align", action="store_true", help="Align the steps to the expert boundaries (--blended).")
     parser.add_argument("--steps_per_expert", type=int, nargs="+", default=None, help="Expert 0 first (--blended).")
     parser.add_argument(
-        "--class_label", nargs="+", default=None, help="Class-conditional models: labels cycled over the images, or all."
+        "--class_label",
+        nargs="+",
+        default=None,
+        help="Class-conditional models: labels cycled over the images, or all.",
     )
     parser.add_argument(
         "--guidance_scale", type=float, nargs="+", default=[1.0], help="One value, or one per expert (expert 0 first)."

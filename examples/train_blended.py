@@ -1,4 +1,4 @@
-"""Train expert denoisers jointly through their blended output, with a ratio schedule (two-experts paper).
+r"""Train expert denoisers jointly through their blended output, with a ratio schedule (two-experts paper).
 
     eps(x_t, t) = sum_k w_k(t) * eps_k(x_t, t),   two experts: r(t) * eps_1 + (1 - r(t)) * eps_0
 
@@ -14,33 +14,34 @@ One CPU:
 
 Two CPU processes:
 
-    ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node 2 \\
+    ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node 2 \
         examples/train_blended.py --ratio_schedule learned --output_dir out/blended
 
 GPUs:
 
-    accelerate launch --multi_gpu --num_processes 8 examples/train_blended.py --ratio_schedule sigmoid \\
+    accelerate launch --multi_gpu --num_processes 8 examples/train_blended.py --ratio_schedule sigmoid \
         --init_from out/single/unet/expert_0 --dataset_name <dataset> --resolution 64 --output_dir out/blended
 
 The output folder loads with `MultiExpertPipeline.from_pretrained(output_dir)`.
 """
 
 import argparse
-import logging
 import os
 
 import torch
-from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
 from diffusers_experts import ExpertMixtureUNet
 from diffusers_experts import routing as R
+from diffusers_experts.evaluation.trained_model import UsageError, usage_errors
 from diffusers_experts.loading import class_from_model_folder
 from diffusers_experts.training import (
     BatchStream,
     RunLog,
     build_training_dataset,
+    check_output_dir,
     class_embeddings,
+    configure_logging,
     dataset_description,
     denoising_loss,
     experts_from_args,
@@ -61,6 +62,8 @@ from diffusers_experts.training import (
     training_labels,
 )
 from diffusers_experts.training.arguments import (
+    SHORT_USAGE,
+    HelpFormatter,
     add_diffusion_training_arguments,
     add_expert_arguments,
     check_common_arguments,
@@ -68,12 +71,12 @@ from diffusers_experts.training.arguments import (
 )
 
 
-logger = get_logger(__name__, log_level="INFO")
+SCRIPT = "train_blended"
 RATIO_SCHEDULES = ("linear", "sigmoid", "learned")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, usage=SHORT_USAGE)
     group = add_expert_arguments(parser, default_num_experts=2, default_expert_type="unet")
     group.add_argument("--ratio_schedule", type=str, default="learned", choices=list(RATIO_SCHEDULES))
     group.add_argument(
@@ -88,7 +91,11 @@ def parse_args(argv=None):
     group.add_argument("--learned_init", type=str, default="linear", choices=list(R.LEARNED_INITS))
     group.add_argument("--routing_lr", type=float, default=1e-2, help="Learning rate of the learned schedule.")
     add_diffusion_training_arguments(parser, default_output_dir="blended-model")
-    return parse_checked(parser, argv, check_args)
+    return parser
+
+
+def parse_args(argv=None):
+    return parse_checked(build_parser(), argv, check_args)
 
 
 def check_args(args):
@@ -102,16 +109,18 @@ def check_args(args):
         raise ValueError("`--init_from` gives the architecture: drop `--model_config`.")
     if args.init_from is not None and not os.path.isdir(args.init_from):
         raise ValueError(f"`--init_from` {args.init_from!r} is not a saved model folder.")
+    check_output_dir(args, SCRIPT)
 
 
 def make_mixture(args, sample_size: int, in_channels: int) -> ExpertMixtureUNet:
     if args.init_from is not None:
-        expert_cls = class_from_model_folder(args.init_from)
-        experts = [expert_cls.from_pretrained(args.init_from) for _ in range(args.num_experts)]
+        with usage_errors("--init_from", args.init_from):
+            expert_cls = class_from_model_folder(args.init_from)
+            experts = [expert_cls.from_pretrained(args.init_from) for _ in range(args.num_experts)]
         got = (experts[0].config.sample_size, experts[0].config.in_channels, experts[0].config.get("num_class_embeds"))
         wanted = (sample_size, in_channels, class_embeddings(args.num_classes))
         if got != wanted:
-            raise ValueError(
+            raise UsageError(
                 f"`--init_from` model takes (sample_size, in_channels, num_class_embeds) = {got}, the data and "
                 f"`--num_classes` give {wanted}."
             )
@@ -137,8 +146,8 @@ def main(args):
 
     # 2. accelerate (blended routing may give an expert zero weight on a whole batch: DDP must allow that)
     accelerator = make_accelerator(args, find_unused_parameters=True)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    prepare_output_dir(args, accelerator)
+    configure_logging()
+    prepare_output_dir(args, accelerator, SCRIPT)
     dataloader = make_dataloader(dataset, args)
 
     # 3. one optimizer, the routing parameters in their own group
@@ -222,4 +231,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except UsageError as error:  # found once the data or a model is loaded: one line naming the flag
+        build_parser().error(str(error))

@@ -1,4 +1,4 @@
-"""Train a multi-expert diffusion model (MEME, AAAI 2024) with Hugging Face Accelerate.
+r"""Train a multi-expert diffusion model (MEME, AAAI 2024) with Hugging Face Accelerate.
 
 N experts each own part of the noise range (an `ExpertMixtureUNet`); each expert trains on its own timesteps
 (`--strategy soft`: MEME's soft expert strategy, `hard`: own interval only, `uniform`: anywhere), so a training step
@@ -13,19 +13,19 @@ One CPU (or one GPU):
 
 Two CPU processes (data parallel, gloo):
 
-    ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node 2 \\
+    ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node 2 \
         examples/train_meme.py --output_dir out/meme
 
 Multi-GPU, one node / several nodes:
 
-    accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 examples/train_meme.py \\
+    accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 examples/train_meme.py \
         --dataset_name <dataset> --resolution 64 --model_config examples/configs/meme_s.json --output_dir out/meme
-    accelerate launch --multi_gpu --num_machines 2 --machine_rank $RANK --main_process_ip $MASTER \\
+    accelerate launch --multi_gpu --num_machines 2 --machine_rank $RANK --main_process_ip $MASTER \
         --main_process_port 29500 --num_processes 16 examples/train_meme.py ...
 
 Experts in parallel (separate jobs, GPUs or nodes), then one mixture:
 
-    for k in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$k accelerate launch examples/train_meme.py --expert_index $k \\
+    for k in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$k accelerate launch examples/train_meme.py --expert_index $k \
         --output_dir out/expert_$k & done; wait
     python examples/train_meme.py --assemble out/expert_0 out/expert_1 out/expert_2 out/expert_3 --output_dir out/meme
 
@@ -34,24 +34,25 @@ mixture and each expert. `--max_train_steps` counts optimizer steps *per expert*
 """
 
 import argparse
-import logging
 import os
 
 import torch
-from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
 
 from diffusers_experts import ExpertMixtureUNet
 from diffusers_experts import routing as R
+from diffusers_experts.evaluation.trained_model import UsageError
 from diffusers_experts.training import (
     BatchStream,
     LatentCache,
     RunLog,
     build_lora_experts,
     build_training_dataset,
+    check_output_dir,
     class_embeddings,
     collate,
+    configure_logging,
     dataset_description,
     denoising_loss,
     enable_gradient_checkpointing,
@@ -80,6 +81,8 @@ from diffusers_experts.training import (
     training_labels,
 )
 from diffusers_experts.training.arguments import (
+    SHORT_USAGE,
+    HelpFormatter,
     add_diffusion_training_arguments,
     add_expert_arguments,
     check_common_arguments,
@@ -89,12 +92,12 @@ from diffusers_experts.training.export import EXPERT_RUN_FOLDER, SCHEDULER_FOLDE
 from diffusers_experts.training.latents import vae_downsampling_factor
 
 
-logger = get_logger(__name__, log_level="INFO")
+SCRIPT = "train_meme"
 EXPERT_ORDERS = ("sequential", "interleaved")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, usage=SHORT_USAGE)
     group = add_expert_arguments(parser, default_num_experts=4, default_expert_type="iunet")
     group.add_argument(
         "--strategy",
@@ -132,7 +135,11 @@ def parse_args(argv=None):
     group.add_argument("--vae_subfolder", type=str, default=None)
     group.add_argument("--cache_latents", action="store_true", help="Encode the dataset once (no --random_flip).")
     add_diffusion_training_arguments(parser, default_output_dir="meme-model")
-    return parse_checked(parser, argv, check_args)
+    return parser
+
+
+def parse_args(argv=None):
+    return parse_checked(build_parser(), argv, check_args)
 
 
 def check_args(args):
@@ -165,6 +172,7 @@ def check_args(args):
         raise ValueError("`--cache_latents` needs `--vae`.")
     if args.cache_latents and args.random_flip:
         raise ValueError("`--cache_latents` encodes each image once, without augmentation: drop `--random_flip`.")
+    check_output_dir(args, SCRIPT)
 
 
 # ---------------------------------------------------------------------------------------------------- set-up
@@ -184,12 +192,12 @@ def make_mixture(args, sample_size: int, in_channels: int):
 def check_lora_base(args, mixture, sample_size: int, in_channels: int) -> None:
     """The LoRA base must take the data's samples and have the requested conditioning."""
     if (mixture.config.in_channels, mixture.config.sample_size) != (in_channels, sample_size):
-        raise ValueError(
+        raise UsageError(
             f"`--base_model` takes {mixture.config.in_channels}x{mixture.config.sample_size}^2 samples but the data "
             f"gives {in_channels}x{sample_size}^2: match `--resolution` and `--num_channels` to the base."
         )
     if mixture.config.num_class_embeds != class_embeddings(args.num_classes):
-        raise ValueError(
+        raise UsageError(
             f"`--num_classes` {args.num_classes} does not match `--base_model`, which has num_class_embeds="
             f"{mixture.config.num_class_embeds} (num_classes + 1 for the null class, or None)."
         )
@@ -264,7 +272,7 @@ def main(args):
     if vae is not None:
         factor = vae_downsampling_factor(vae)
         if args.resolution % factor:
-            raise ValueError(f"`--resolution` {args.resolution} must be divisible by the VAE's downsampling {factor}.")
+            raise UsageError(f"`--resolution` {args.resolution} must be divisible by the VAE's downsampling {factor}.")
         sample_size, in_channels = args.resolution // factor, vae.config.latent_channels
     else:
         sample_size, in_channels = args.resolution, num_channels
@@ -274,8 +282,8 @@ def main(args):
 
     # 2. accelerate, the data loader
     accelerator = make_accelerator(args, find_unused_parameters=args.lora_rank is not None)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    prepare_output_dir(args, accelerator)
+    configure_logging()
+    prepare_output_dir(args, accelerator, SCRIPT)
     if vae is not None:
         vae.to(accelerator.device)
         if args.cache_latents:
@@ -393,4 +401,7 @@ def training_loss(args, mixture, model, k, batch, noise_scheduler, vae, generato
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except UsageError as error:  # found once the data or a model is loaded: one line naming the flag
+        build_parser().error(str(error))

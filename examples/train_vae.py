@@ -1,4 +1,4 @@
-"""Train a small diffusers `AutoencoderKL` for latent experts, offline (reconstruction + KL, no perceptual loss).
+r"""Train a small diffusers `AutoencoderKL` for latent experts, offline (reconstruction + KL, no perceptual loss).
 
 Pretrained VAEs cannot be downloaded everywhere; this trains one on the same data so latent experts can be trained
 and shown offline (`examples/train_meme.py --vae OUT`). Users with internet pass any Hub VAE to `--vae` instead.
@@ -6,7 +6,7 @@ At the end the latents' standard deviation is measured and stored as `scaling_fa
 latents have unit variance, as latent diffusion expects.
 
     python examples/train_vae.py --output_dir out/vae                                  # built-in MNIST, 1 CPU
-    accelerate launch --multi_gpu --num_processes 4 examples/train_vae.py --dataset_name <dataset> \\
+    accelerate launch --multi_gpu --num_processes 4 examples/train_vae.py --dataset_name <dataset> \
         --resolution 64 --num_channels 3 --output_dir out/vae
 """
 
@@ -18,11 +18,14 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 
+from diffusers_experts.evaluation.trained_model import UsageError
 from diffusers_experts.saving import atomic_directory
 from diffusers_experts.training import (
     BatchStream,
     RunLog,
     build_training_dataset,
+    check_output_dir,
+    configure_logging,
     make_accelerator,
     make_dataloader,
     make_lr_scheduler,
@@ -35,6 +38,8 @@ from diffusers_experts.training import (
     resume,
 )
 from diffusers_experts.training.arguments import (
+    SHORT_USAGE,
+    HelpFormatter,
     add_data_arguments,
     add_optimization_arguments,
     add_output_arguments,
@@ -44,8 +49,11 @@ from diffusers_experts.training.arguments import (
 from diffusers_experts.training.latents import vae_downsampling_factor
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+SCRIPT = "train_vae"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, usage=SHORT_USAGE)
     group = parser.add_argument_group("autoencoder")
     group.add_argument(
         "--block_out_channels",
@@ -61,7 +69,11 @@ def parse_args(argv=None):
     add_data_arguments(parser)
     add_optimization_arguments(parser)
     add_output_arguments(parser, default_output_dir="vae-model")
-    return parse_checked(parser, argv, check_args)
+    return parser
+
+
+def parse_args(argv=None):
+    return parse_checked(build_parser(), argv, check_args)
 
 
 def check_args(args):
@@ -77,6 +89,7 @@ def check_args(args):
     factor = 2 ** (len(args.block_out_channels) - 1)
     if args.resolution % factor:
         raise ValueError(f"`--resolution` {args.resolution} must be divisible by the downsampling {factor}.")
+    check_output_dir(args, SCRIPT)
 
 
 def make_vae(args, num_channels: int) -> AutoencoderKL:
@@ -122,7 +135,8 @@ def main(args):
     set_seed(args.seed)
     dataset, num_channels = build_training_dataset(args)
     accelerator = make_accelerator(args)
-    prepare_output_dir(args, accelerator)
+    configure_logging()
+    prepare_output_dir(args, accelerator, SCRIPT)
     dataloader = make_dataloader(dataset, args)
     vae = make_vae(args, num_channels)
     optimizer = make_optimizer(vae.parameters(), args)
@@ -171,4 +185,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except UsageError as error:  # found once the data or a model is loaded: one line naming the flag
+        build_parser().error(str(error))

@@ -14,9 +14,10 @@ How the README is run, as a reader would run it:
 - **Folders a snippet loads but a unit test cannot train** (`outputs/demo` from `make demo`, the single-model run
   `out/single`) are created first, from tiny models, by the setup functions in `PREPARED_FOLDERS`, in the layout the
   training scripts export (`diffusers_experts.training.export.export_pipeline`).
-- **Substitutions** (`SUBSTITUTIONS`): a visible table of (section, README text, replacement, reason) for a snippet
-  too slow for a unit test as written (none today: every block runs as written); each README text must occur exactly
-  once in its section's python blocks, so README drift fails the test instead of silently disabling a substitution.
+- **Substitutions** (`SUBSTITUTIONS`): a visible table of (section, README text, replacement, reason) that shrinks
+  a snippet too slow for a unit test as written (none today: every block runs as written); each README text must
+  occur exactly once in its section's python blocks, so README drift fails the test instead of silently disabling a
+  substitution. `README_FULL=1` runs every block exactly as written (no substitution).
 - **Printed results are checked**: a `print(...)` line whose trailing comment shows its output (`# torch.bfloat16`,
   `# [[3], [3], ..., [0]]`; `...` matches anything) must print that; comments that describe rather than show the
   output are listed in `DESCRIPTIVE_PRINT_COMMENTS`.
@@ -24,15 +25,20 @@ How the README is run, as a reader would run it:
   then reported as skipped with that reason. Every python block is either run or so marked: none can be ignored.
 
 Only python blocks run: ```bash blocks launch `make` targets and the training / evaluation scripts, which
-tests/test_train_scripts.py (and the other script tests) cover. Any other fence language (```py, an untagged fence)
-fails `test_fences_are_python_or_bash`, so a snippet cannot escape this test under another tag.
+tests/test_train_scripts.py (and the other script tests) cover. Their `examples/*.py` command lines are still
+checked here: each parses with its script's own parser (no unknown flag, no bad value), and every folder a training
+command reads (`--base_model`, `--vae`, `--init_from`, `--assemble`) is written by an earlier command of the README.
+Any other fence language (```py, an untagged fence) fails `test_fences_are_python_or_bash`, so a snippet cannot
+escape this test under another tag.
 """
 
 from __future__ import annotations
 
 import builtins
+import importlib.util
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +47,9 @@ import pytest
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+EXAMPLES = README.parent / "examples"
+# README_FULL=1: every block as written, without the shrinking SUBSTITUTIONS
+FULL = os.environ.get("README_FULL", "") not in ("", "0")
 REQUIRES_MARKER = "# requires:"
 FENCE_LANGUAGES = ("python", "bash")
 
@@ -158,8 +167,11 @@ def _section_of(name: str) -> str:
     return matches.pop()
 
 
-def _substituted(block: Block) -> str:
+def _substituted(block: Block, full: bool = FULL) -> str:
+    """The code of `block` as run: shrunk by `SUBSTITUTIONS`, or as written with `full` (`README_FULL=1`)."""
     code = block.code
+    if full:
+        return code
     for section, old, new, _ in SUBSTITUTIONS:
         if block.section == _section_of(section) and old in code:
             code = code.replace(old, new)
@@ -275,3 +287,66 @@ def test_printed_claims_are_matched_literally():
     assert _matches_claim("(0.75, 0.375, 0.1875)", "(0.75, 0.375, 0.1875)")
     assert not _matches_claim("(0.75, 0.5, 0.1875)", "(0.75, 0.375, 0.1875)")
     assert not _matches_claim("[[3], [1]]", "[[3], [3], ..., [0]]")
+
+
+def test_readme_full_runs_the_blocks_as_written(monkeypatch):
+    """By default a substitution shrinks its block; `README_FULL=1` (the `full` flag) runs the README text."""
+    block = next(b for b in PYTHON if b.requires is None)
+    old = block.code.strip().splitlines()[-1]
+    monkeypatch.setattr(sys.modules[__name__], "SUBSTITUTIONS", [(block.section, old, "pass  # shrunk", "test")])
+    assert "pass  # shrunk" in _substituted(block, full=False) and old not in _substituted(block, full=False)
+    assert _substituted(block, full=True) == block.code
+
+
+# --- The ```bash blocks' example command lines: they parse, and the folders they read are written before. ----------
+# flags whose folder a training command reads, and the flags naming the folder a command writes
+INPUT_FOLDER_FLAGS = ("--base_model", "--vae", "--init_from", "--assemble")
+OUTPUT_FOLDER_FLAGS = ("--output_dir", "--out")
+
+
+def _example_commands() -> list[tuple[int, str, list[str]]]:
+    """(README line, script name, arguments) of every `examples/<script>.py` command of the README's bash blocks, in
+    README order; shell variables (`$k`) are kept as `{k}`."""
+    commands = []
+    for block in (b for b in BLOCKS if b.language == "bash"):
+        text = block.code.replace("\\\n", " ")
+        for number, line in enumerate(text.splitlines()):
+            for part in re.split(r"\s*(?:;|&&|&)\s*", line):
+                words = [re.sub(r"\$(\w+)", r"{\1}", w) for w in shlex.split(part, comments=True)]
+                scripts = [i for i, w in enumerate(words) if re.fullmatch(r"examples/\w+\.py", w)]
+                if scripts:
+                    i = scripts[0]
+                    commands.append((block.line + number, Path(words[i]).stem, words[i + 1 :]))
+    return commands
+
+
+def _example_parser(name: str):
+    spec = importlib.util.spec_from_file_location(f"readme_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_parser() if hasattr(module, "build_parser") else None, module
+
+
+def test_bash_example_commands_parse_and_read_only_folders_written_before(capsys):
+    commands = _example_commands()
+    assert any(name == "train_meme" for _, name, _ in commands), "the README lost its training commands"
+    written = []  # regular expressions of the folders written so far (a shell variable matches any name)
+    for line, name, argv in commands:
+        parser, module = _example_parser(name)
+        parsed = [re.sub(r"\{\w+\}", "0", word) for word in argv]
+        try:
+            args = parser.parse_args(parsed) if parser is not None else module.parse_args(parsed)
+        except SystemExit:
+            raise AssertionError(
+                f"README.md:{line}: examples/{name}.py {' '.join(argv)}: {capsys.readouterr().err}"
+            ) from None
+        for flag in INPUT_FOLDER_FLAGS:
+            value = getattr(args, flag[2:], None)
+            for folder in [value] if isinstance(value, str) else value or []:
+                assert any(re.fullmatch(pattern + "(/.*)?", folder) for pattern in written), (
+                    f"README.md:{line}: `{flag} {folder}` reads a folder that no earlier command writes"
+                )
+        for flag in OUTPUT_FOLDER_FLAGS:
+            if flag in argv:
+                raw = argv[argv.index(flag) + 1]
+                written.append(re.sub(r"\\\{\w+\\\}", r"\\w+", re.escape(raw)))

@@ -137,7 +137,13 @@ def runs(workspace):
         shutil.copytree(w / "soft" / "checkpoint-2", resumed / "checkpoint-2")
         os.makedirs(resumed / ".checkpoint-4.tmp")
         again = _run([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
-        return full, again
+        # the same folder for another configuration: refused before anything loads (issue 11, item 3)
+        other = list(common)
+        other[other.index("--num_classes") + 1] = "3"
+        refused = subprocess.run(
+            [*other, "--output_dir", str(w / "soft")], env=_environment(), capture_output=True, text=True, cwd=ROOT
+        )
+        return full, again, refused
 
     def per_expert_then_assemble():
         for k in (0, 1):
@@ -300,7 +306,7 @@ def _pipeline(path):
 
 
 def test_soft_conditional_run_exports_a_pipeline_with_cards_and_samples_with_guidance(runs, workspace):
-    full, _ = runs["soft"].result()
+    full, _, _ = runs["soft"].result()
     out = workspace / "soft"
     assert "sample grid:" in full.stdout and os.path.isfile(out / "samples" / "final.png")
     assert os.path.isfile(out / "README.md") and os.path.isfile(out / "unet" / "expert_1" / "README.md")
@@ -322,8 +328,27 @@ def test_soft_conditional_run_exports_a_pipeline_with_cards_and_samples_with_gui
     assert sorted(os.listdir(out)).count("checkpoint-6") == 1
 
 
+def test_checkpoints_leave_the_progress_bar_alone_and_record_the_run_configuration(runs, workspace):
+    full, _, _ = runs["soft"].result()
+    # accelerate's INFO lines (about 16 per checkpoint) no longer interleave with the progress bar
+    assert "Saving current state" not in full.stderr and "accelerate.checkpointing" not in full.stderr
+    recorded = json.loads((workspace / "soft" / "run_config.json").read_text())
+    assert recorded["script"] == "train_meme" and recorded["num_classes"] == 2 and "output_dir" not in recorded
+    assert json.loads((workspace / "soft" / "checkpoint-6" / "run_config.json").read_text()) == recorded
+
+
+def test_an_output_dir_of_another_configuration_is_refused_in_one_line(runs, workspace):
+    _, _, refused = runs["soft"].result()
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"train_meme.py: error: `--output_dir` {workspace / 'soft'} holds another run (`--num_classes` 2 there, 3 "
+        f"now): pass `--overwrite_output_dir` to replace it, or choose another `--output_dir`."
+    )
+    assert [step for step, _ in _losses(workspace / "soft")] == [1, 2, 3, 4, 5, 6]  # untouched
+
+
 def test_resume_from_latest_checkpoint_continues_with_the_same_losses(runs, workspace):
-    _, again = runs["soft"].result()
+    _, again, _ = runs["soft"].result()
     assert "resumed from" in again.stdout and "checkpoint-2 at step 2" in again.stdout
     uninterrupted = dict(_losses(workspace / "soft"))
     resumed = _losses(workspace / "resumed")
@@ -438,11 +463,13 @@ def test_bad_arguments_stop_before_training(argv, message, capsys):
 def test_dataset_and_resolution_errors_name_the_problem(workspace, tmp_path):
     import datasets
 
+    from diffusers_experts.evaluation.trained_model import UsageError
+
     train_meme = _load_example("train_meme")
     no_images = tmp_path / "no_images"
     datasets.Dataset.from_dict({"text": ["a", "b"]}).save_to_disk(str(no_images))
     args = train_meme.parse_args(["--dataset_name", str(no_images), "--output_dir", str(tmp_path / "o")])
-    with pytest.raises(ValueError, match="no image column"):
+    with pytest.raises(UsageError, match="no image column"):
         train_meme.main(args)
     args = train_meme.parse_args(
         [
@@ -456,7 +483,7 @@ def test_dataset_and_resolution_errors_name_the_problem(workspace, tmp_path):
             str(tmp_path / "o"),
         ]
     )
-    with pytest.raises(ValueError, match="`--resolution` 15 must be divisible by 2"):
+    with pytest.raises(UsageError, match="`--resolution` 15 must be divisible by 2"):
         train_meme.main(args)
 
 

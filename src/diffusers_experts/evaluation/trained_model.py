@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from diffusers import DDPMScheduler
@@ -25,14 +26,18 @@ def load_pipeline(name_or_path: str, scheduler: str | None = None) -> MultiExper
         scheduler (`str`, *optional*): A sampler name of `diffusers_experts.schedulers.scheduler_from_name`
             (e.g. `"ddim"`, `"dpmpp"`) that replaces the pipeline's, on the same noise schedule (the base schedule of
             a saved `BlendedScheduler`).
+
+    Raises [`UsageError`] naming `--model` when `name_or_path` is neither a folder nor a reachable repo, or when a
+    file of it cannot be read (a broken `config.json`, a truncated safetensors file: the file is named).
     """
-    folder = resolve_model_folder(name_or_path)
-    if os.path.isfile(os.path.join(folder, MODEL_INDEX_NAME)):
-        pipe = MultiExpertPipeline.from_pretrained(folder)
-    else:
-        mixture = ExpertMixtureUNet.from_pretrained(folder)
-        noise_scheduler = DDPMScheduler(num_train_timesteps=mixture.config.num_train_timesteps)
-        pipe = MultiExpertPipeline(unet=mixture, scheduler=noise_scheduler)
+    with usage_errors("--model", name_or_path):
+        folder = resolve_model_folder(name_or_path)
+        if os.path.isfile(os.path.join(folder, MODEL_INDEX_NAME)):
+            pipe = MultiExpertPipeline.from_pretrained(folder)
+        else:
+            mixture = ExpertMixtureUNet.from_pretrained(folder)
+            noise_scheduler = DDPMScheduler(num_train_timesteps=mixture.config.num_train_timesteps)
+            pipe = MultiExpertPipeline(unet=mixture, scheduler=noise_scheduler)
     if scheduler is not None:
         base = pipe.scheduler.base if isinstance(pipe.scheduler, BlendedScheduler) else pipe.scheduler
         pipe.scheduler = scheduler_from_name(scheduler, config=base.config)
@@ -40,7 +45,34 @@ def load_pipeline(name_or_path: str, scheduler: str | None = None) -> MultiExper
 
 
 class UsageError(ValueError):
-    """A command-line value that does not fit the loaded model; the scripts print it as one usage line."""
+    """A command-line value that does not fit the loaded model or data; the scripts print it as one usage line."""
+
+
+@contextmanager
+def usage_errors(flag: str, value) -> Iterator[None]:
+    """Re-raise what loading the model or folder `value` of command-line flag `flag` raises (not found, a broken
+    `config.json`, a truncated safetensors file) as a one-line [`UsageError`] naming the flag, the value and, for
+    unreadable weights, the reason safetensors gives."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, OSError) as error:
+        message = str(error)
+        cause = _safetensors_cause(error)
+        if cause is not None:
+            message = f"{message} ({cause}: truncated or corrupt?)"
+        raise UsageError(" ".join(f"{flag} {value}: {message}".split())) from None
+
+
+def _safetensors_cause(error: BaseException) -> str | None:
+    """The message of a safetensors error among the exceptions `error` was raised from, if any."""
+    seen = error.__cause__ or error.__context__
+    while seen is not None:
+        if type(seen).__name__ == "SafetensorError":
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def class_labels_for(

@@ -1,8 +1,8 @@
 """Building blocks shared by the training scripts in `examples/` (arguments, data, experts, objective, optimisation,
-EMA, checkpoints, run log, previews, export). One concept per module; the scripts themselves hold the training loops."""
+EMA, checkpoints, run configuration, run log, previews, export). One concept per module; the scripts themselves hold the training loops."""
 
 from ..evaluation.heldout_loss import PREDICTION_TYPES, prediction_target
-from .accelerator import make_accelerator, prepare_output_dir
+from .accelerator import configure_logging, make_accelerator, prepare_output_dir
 from .checkpointing import (
     GeneratorState,
     latest_checkpoint,
@@ -37,6 +37,7 @@ from .latents import LatentCache, encode_latents, load_vae
 from .objective import apply_class_dropout, class_embeddings, denoising_loss, make_noise_scheduler, training_labels
 from .optimization import make_lr_scheduler, make_optimizer, optimizer_step, optimizer_steps
 from .preview import sample_grid, save_preview
+from .run_config import check_output_dir, read_run_config, run_config, write_run_config
 from .run_log import RunLog
 
 
@@ -53,8 +54,10 @@ __all__ = [
     "build_training_dataset",
     "builtin_mnist",
     "check_label_column",
+    "check_output_dir",
     "class_embeddings",
     "collate",
+    "configure_logging",
     "dataset_description",
     "denoising_loss",
     "enable_gradient_checkpointing",
@@ -80,13 +83,16 @@ __all__ = [
     "prepare_output_dir",
     "process_generator",
     "push_pipeline",
+    "read_run_config",
     "read_expert_runs",
     "resolve_image_column",
     "resume",
+    "run_config",
     "sample_grid",
     "save_checkpoint",
     "save_expert_run",
     "save_preview",
     "trainable_parameters",
     "training_labels",
+    "write_run_config",
 ]

@@ -1,9 +1,17 @@
-"""The `Accelerator` of a training script: trackers, logging folder, seedable data order (exact resume)."""
+"""The `Accelerator` of a training script: trackers, logging folder, seedable data order (exact resume); the output
+folder with its recorded run configuration; what gets logged."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+
+from .run_config import run_config, write_run_config
+
+
+# accelerate's INFO lines about every saved or loaded state (about 16 per checkpoint) would break the progress bar
+QUIET_LOGGERS = ("accelerate.checkpointing", "accelerate.accelerator")
 
 
 def make_accelerator(args, find_unused_parameters: bool = False):
@@ -29,10 +37,19 @@ def make_accelerator(args, find_unused_parameters: bool = False):
     )
 
 
-def prepare_output_dir(args, accelerator) -> None:
-    """Create `--output_dir` (emptied first with `--overwrite_output_dir`, unless resuming); every process waits."""
+def configure_logging() -> None:
+    """INFO logs in one format, without accelerate's per-file checkpoint lines (warnings still show)."""
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def prepare_output_dir(args, accelerator, script: str) -> None:
+    """Create `--output_dir` (emptied first with `--overwrite_output_dir`, unless resuming) and record the run's
+    configuration in it (`run_config.json`, see [`check_output_dir`]); every process waits."""
     if accelerator.is_main_process:
         if args.overwrite_output_dir and args.resume_from_checkpoint is None and os.path.isdir(args.output_dir):
             shutil.rmtree(args.output_dir)
         os.makedirs(args.output_dir, exist_ok=True)
+        write_run_config(args.output_dir, run_config(args, script))
     accelerator.wait_for_everyone()

@@ -4,9 +4,25 @@ checkpoints, logging, previews, Hub), with the parity flags of diffusers' `train
 from __future__ import annotations
 
 import argparse
+import copy
 from collections.abc import Callable
 
 from .experts import EXPERT_TYPES
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`--help` of every example script: each option's default (also of options without a help text, which
+    argparse would leave out), and the docstring's line breaks kept."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.option_strings and not action.help and action.default is not argparse.SUPPRESS:
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
+# the usage line of the training scripts (60+ options): an error prints it and one line, not a page of options
+SHORT_USAGE = "%(prog)s [options]   (every option: --help)"
 
 
 def parse_checked(parser: argparse.ArgumentParser, argv, check: Callable[[argparse.Namespace], None]):
@@ -81,7 +97,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         help="1 (grayscale) or 3 (RGB); defaults to 1 for the built-in MNIST, 3 otherwise.",
     )
     group.add_argument("--resolution", type=int, default=32)
-    group.add_argument("--center_crop", action="store_true", help="Center crop (default: random crop).")
+    group.add_argument("--center_crop", action="store_true", help="Center crop (instead of a random crop).")
     group.add_argument("--random_flip", action="store_true")
     group.add_argument("--train_batch_size", type=int, default=32, help="Per process.")
     group.add_argument("--dataloader_num_workers", type=int, default=0)
@@ -150,12 +166,23 @@ def add_class_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_output_arguments(parser: argparse.ArgumentParser, default_output_dir: str) -> None:
     group = parser.add_argument_group("output, checkpoints, logging")
-    group.add_argument("--output_dir", type=str, default=default_output_dir)
-    group.add_argument("--overwrite_output_dir", action="store_true")
+    group.add_argument(
+        "--output_dir",
+        type=str,
+        default=default_output_dir,
+        help="The run's folder; it records the run's configuration (run_config.json), and a folder holding another "
+        "run is refused.",
+    )
+    group.add_argument(
+        "--overwrite_output_dir", action="store_true", help="Empty --output_dir first (unless resuming)."
+    )
     group.add_argument("--checkpointing_steps", type=int, default=500)
     group.add_argument("--checkpoints_total_limit", type=int, default=None)
     group.add_argument(
-        "--resume_from_checkpoint", type=str, default=None, help='"latest" or a path to a checkpoint-<step> folder.'
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='"latest" or a path to a checkpoint-<step> folder, written by a run with the same arguments.',
     )
     group.add_argument("--logging_dir", type=str, default="logs", help="Relative to --output_dir.")
     group.add_argument(

@@ -1,4 +1,5 @@
-"""Training checkpoints: atomic `checkpoint-<step>` folders written with accelerate's `save_state`, pruning, resume."""
+"""Training checkpoints: atomic `checkpoint-<step>` folders written with accelerate's `save_state` (and the run's
+recorded configuration, `run_config.json`), pruning, resume."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 
 
 CHECKPOINT_PREFIX = "checkpoint-"
+# the run configuration recorded in the output folder (see `run_config.py`), copied into each checkpoint
+RUN_CONFIG_NAME = "run_config.json"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -41,7 +44,8 @@ def checkpoint_step(path: str) -> int:
 
 def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None = None) -> str:
     """Save the full training state (models, optimizers, lr schedulers, registered objects such as EMA and RNG
-    generators, accelerate's RNG states) as `output_dir/checkpoint-<step>`, atomically.
+    generators, accelerate's RNG states) and the run's `run_config.json` as `output_dir/checkpoint-<step>`,
+    atomically.
 
     Every process writes into the same temporary folder `.checkpoint-<step>.tmp`, all processes wait, then the main
     process renames it to `checkpoint-<step>` (a single rename: a partial checkpoint is never listed) and removes the
@@ -56,6 +60,9 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     accelerator.save_state(tmp, safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        record = os.path.join(output_dir, RUN_CONFIG_NAME)
+        if os.path.isfile(record):
+            shutil.copyfile(record, os.path.join(tmp, RUN_CONFIG_NAME))
         if os.path.isdir(final):
             aside = f"{final}.old"
             shutil.rmtree(aside, ignore_errors=True)

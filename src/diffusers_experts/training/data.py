@@ -7,8 +7,10 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from huggingface_hub.errors import HFValidationError
 
 from ..evaluation.mnist import MNIST_NUM_CLASSES, mnist_digits
+from ..evaluation.trained_model import UsageError
 
 
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values")
@@ -56,8 +58,11 @@ def load_image_dataset(
 
     if train_data_dir is not None:
         if not os.path.isdir(train_data_dir):
-            raise ValueError(f"`--train_data_dir` {train_data_dir!r} is not a folder.")
-        return datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
+            raise UsageError(f"`--train_data_dir` {train_data_dir!r} is not a folder.")
+        try:
+            return datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
+        except datasets.data_files.EmptyDatasetError:
+            raise UsageError(f"`--train_data_dir` {train_data_dir!r} holds no image files.") from None
     if dataset_name is None:
         return builtin_mnist()
     saved = os.path.isdir(dataset_name) and any(
@@ -67,10 +72,18 @@ def load_image_dataset(
         loaded = datasets.load_from_disk(dataset_name)
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise ValueError(f"Dataset {dataset_name!r} has no split {split!r}; splits: {list(loaded)}.")
+                raise UsageError(f"Dataset {dataset_name!r} has no split {split!r}; splits: {list(loaded)}.")
             loaded = loaded[split]
         return loaded
-    return datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
+    try:
+        return datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
+    except (FileNotFoundError, ConnectionError, HFValidationError) as error:  # no local folder, no Hub dataset
+        if os.path.exists(dataset_name):
+            raise
+        raise UsageError(
+            f"`--dataset_name` {dataset_name!r} is neither a local folder (relative to {os.getcwd()!r}) nor a dataset "
+            f"on the Hub or in the cache ({error})."
+        ) from None
 
 
 def resolve_image_column(dataset, image_column: str | None = None) -> str:
@@ -80,7 +93,7 @@ def resolve_image_column(dataset, image_column: str | None = None) -> str:
     columns = list(dataset.column_names)
     if image_column is not None:
         if image_column not in columns:
-            raise ValueError(f"`--image_column` {image_column!r} is not a column of the dataset; columns: {columns}.")
+            raise UsageError(f"`--image_column` {image_column!r} is not a column of the dataset; columns: {columns}.")
         return image_column
     for name, feature in dataset.features.items():
         if isinstance(feature, datasets.Image):
@@ -88,7 +101,7 @@ def resolve_image_column(dataset, image_column: str | None = None) -> str:
     for name in IMAGE_COLUMN_CANDIDATES:
         if name in columns:
             return name
-    raise ValueError(
+    raise UsageError(
         f"The dataset has no image column (no `datasets.Image` feature); columns: {columns}. Pass `--image_column`."
     )
 
@@ -97,16 +110,16 @@ def check_label_column(dataset, label_column: str, num_classes: int) -> None:
     """Class-conditional training: `label_column` exists and holds integers in `[0, num_classes)`."""
     columns = list(dataset.column_names)
     if label_column not in columns:
-        raise ValueError(
+        raise UsageError(
             f"`--label_column` {label_column!r} is not a column of the dataset (needed with `--num_classes`); "
             f"columns: {columns}."
         )
     values = dataset.unique(label_column)
     if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"Labels in column {label_column!r} must be integers, got e.g. {values[:5]!r}.")
+        raise UsageError(f"Labels in column {label_column!r} must be integers, got e.g. {values[:5]!r}.")
     low, high = min(values), max(values)
     if low < 0 or high >= num_classes:
-        raise ValueError(
+        raise UsageError(
             f"Labels in column {label_column!r} span [{low}, {high}], outside [0, {num_classes - 1}] for "
             f"`--num_classes` {num_classes}."
         )
@@ -197,7 +210,7 @@ class BatchStream:
 
     def __init__(self, dataloader, start_batch: int = 0):
         if len(dataloader) == 0:
-            raise ValueError("The dataloader yields no batch: the dataset is smaller than one batch per process.")
+            raise UsageError("The dataloader yields no batch: the dataset is smaller than one batch per process.")
         self.dataloader = dataloader
         self.position = start_batch
 

@@ -8,6 +8,7 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from ..constants import SHARED_CONFIG_KEYS
+from ..evaluation.trained_model import UsageError, usage_errors
 from ..loading import class_from_model_folder, resolve_model_folder
 from ..models import IUNet2DModel, LoRAExpert, meme_expert_config
 from .objective import class_embeddings
@@ -40,13 +41,16 @@ def load_model_config(expert_type: str, path: str | None) -> dict:
     config = dict(DEFAULT_MODEL_CONFIGS[expert_type])
     if path is not None:
         if not os.path.isfile(path):
-            raise ValueError(f"`--model_config` {path!r} is not a file.")
-        overrides = EXPERT_CLASSES[expert_type].load_config(path)
+            raise UsageError(f"`--model_config` {path!r} is not a file.")
+        try:
+            overrides = EXPERT_CLASSES[expert_type].load_config(path)
+        except OSError as error:  # diffusers names the file: "... is not a valid JSON file"
+            raise UsageError(f"`--model_config`: {error}") from None
         if not isinstance(overrides, dict):
-            raise ValueError(f"`--model_config` {path!r} must hold a JSON object of model arguments.")
+            raise UsageError(f"`--model_config` {path!r} must hold a JSON object of model arguments.")
         given = sorted(set(overrides) & set(SHARED_CONFIG_KEYS))
         if given:
-            raise ValueError(
+            raise UsageError(
                 f"`--model_config` {path!r} sets {given}; these follow from the data (`--resolution`, the number of "
                 f"channels, `--num_classes`, `--vae`), remove them."
             )
@@ -89,7 +93,7 @@ def experts_from_args(args, sample_size: int, in_channels: int) -> list[nn.Modul
     factor = downsampling_factor(config)
     if sample_size % factor:
         what = "the VAE latent size" if getattr(args, "vae", None) else "`--resolution`"
-        raise ValueError(
+        raise UsageError(
             f"{what} {sample_size} must be divisible by {factor}, the total downsampling of experts with "
             f"{len(config['block_out_channels'])} stages (block_out_channels={config['block_out_channels']})."
         )
@@ -102,8 +106,9 @@ def build_lora_experts(
     base_model_path: str, num_experts: int, rank: int, lora_alpha: float | None = None, target_modules=None
 ) -> list[nn.Module]:
     """`num_experts` LoRA experts (adapters `expert_0`, ...) sharing one frozen base loaded from `base_model_path`."""
-    folder = resolve_model_folder(base_model_path)
-    base = class_from_model_folder(folder).from_pretrained(folder)
+    with usage_errors("--base_model", base_model_path):
+        folder = resolve_model_folder(base_model_path)
+        base = class_from_model_folder(folder).from_pretrained(folder)
     reference = os.path.abspath(base_model_path) if os.path.isdir(base_model_path) else base_model_path
     return [
         LoRAExpert.from_base(
@@ -129,5 +134,5 @@ def enable_gradient_checkpointing(expert: nn.Module) -> None:
     """Gradient checkpointing on an expert (on the base model of a LoRA expert)."""
     target = getattr(expert, "base_model", expert)
     if not getattr(target, "_supports_gradient_checkpointing", False):
-        raise ValueError(f"`--gradient_checkpointing`: {type(target).__name__} does not support it.")
+        raise UsageError(f"`--gradient_checkpointing`: {type(target).__name__} does not support it.")
     target.enable_gradient_checkpointing()

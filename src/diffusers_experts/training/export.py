@@ -7,6 +7,7 @@ import json
 import os
 
 from ..constants import MODEL_INDEX_NAME
+from ..evaluation.trained_model import UsageError
 from ..hub import push_mixture_to_hub
 from ..model_card import MODEL_CARD_NAME, save_model_cards
 from ..pipelines import MultiExpertPipeline
@@ -65,7 +66,7 @@ def read_expert_runs(directories: list[str]) -> list[dict]:
     for directory in directories:
         path = os.path.join(directory, EXPERT_RUN_INFO)
         if not os.path.isfile(path):
-            raise ValueError(
+            raise UsageError(
                 f"`--assemble` folder {directory!r} has no {EXPERT_RUN_INFO}: not an `--expert_index` run."
             )
         with open(path, encoding="utf-8") as f:
@@ -74,10 +75,10 @@ def read_expert_runs(directories: list[str]) -> list[dict]:
     for key in ("num_experts", "boundaries", "num_train_timesteps", "routing"):
         values = [info[key] for info in infos]
         if any(v != values[0] for v in values):
-            raise ValueError(f"`--assemble` runs disagree on `{key}`: {values!r} for {directories!r}.")
+            raise UsageError(f"`--assemble` runs disagree on `{key}`: {values!r} for {directories!r}.")
     indices = sorted(info["expert_index"] for info in infos)
     if indices != list(range(first["num_experts"])):
-        raise ValueError(
+        raise UsageError(
             f"`--assemble` needs each of the {first['num_experts']} experts exactly once, got expert indices "
             f"{[info['expert_index'] for info in infos]} from {directories!r}."
         )

@@ -8,16 +8,18 @@ import torch
 from diffusers import AutoencoderKL
 
 from ..constants import CONFIG_NAME
+from ..evaluation.trained_model import usage_errors
 from ..loading import resolve_model_folder
 from .data import collate
 
 
 def load_vae(name_or_path: str, subfolder: str | None = None, revision: str | None = None):
     """An `AutoencoderKL` from a folder or Hub repo id; a pipeline folder with a `vae/` subfolder works too."""
-    folder = resolve_model_folder(name_or_path, subfolder=subfolder, revision=revision)
-    if not os.path.isfile(os.path.join(folder, CONFIG_NAME)) and os.path.isdir(os.path.join(folder, "vae")):
-        folder = os.path.join(folder, "vae")
-    vae = AutoencoderKL.from_pretrained(folder)
+    with usage_errors("--vae", name_or_path):
+        folder = resolve_model_folder(name_or_path, subfolder=subfolder, revision=revision)
+        if not os.path.isfile(os.path.join(folder, CONFIG_NAME)) and os.path.isdir(os.path.join(folder, "vae")):
+            folder = os.path.join(folder, "vae")
+        vae = AutoencoderKL.from_pretrained(folder)
     vae.requires_grad_(False)
     return vae.eval()
 

@@ -7,13 +7,16 @@ import os
 
 from tqdm.auto import tqdm
 
+from ..saving import atomic_file
+
 
 TRAIN_LOG_NAME = "train_log.jsonl"
 
 
 class RunLog:
     """The progress bar (local main processes), the trackers of `--report_to` (main process) and
-    `output_dir/train_log.jsonl` (main process, one JSON line per optimizer step) of a training run.
+    `output_dir/train_log.jsonl` (main process, one JSON line per optimizer step; lines after `initial_step` from an
+    earlier run of the same configuration are dropped) of a training run.
 
     Args:
         accelerator: The run's `Accelerator`.
@@ -26,9 +29,22 @@ class RunLog:
     def __init__(self, accelerator, args, project: str, total_steps: int, initial_step: int = 0):
         self.accelerator = accelerator
         self.path = os.path.join(args.output_dir, TRAIN_LOG_NAME)
+        if accelerator.is_main_process:
+            self._keep_steps_up_to(initial_step)
         if accelerator.is_main_process and args.report_to != "none":
             accelerator.init_trackers(project, config={k: str(v) for k, v in vars(args).items()})
         self.progress = tqdm(total=total_steps, initial=initial_step, disable=not accelerator.is_local_main_process)
+
+    def _keep_steps_up_to(self, initial_step: int) -> None:
+        """Drop the log lines after `initial_step` (a new run starts an empty log; a resumed one drops the steps
+        that it redoes), so each step is logged once."""
+        if not os.path.isfile(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= initial_step]
+        with atomic_file(self.path) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
 
     def step(self, step: int, logs: dict, **postfix) -> None:
         """Report optimizer step `step`: advance the bar (showing `postfix`), send `logs` to the trackers, append them
