@@ -70,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Class-conditional models: labels cycled over the images, or all.",
     )
     parser.add_argument(
-        "--guidance_scale", type=float, nargs="+", default=[1.0], help="One value, or one per expert (expert 0 first)."
+        "--guidance_scale",
+        type=float,
+        nargs="+",
+        default=None,
+        help="One value, or one per expert (expert 0 first); default 1.5 for class-conditional models (the measured best "
+        "of benchmarks/RESULTS.md), 1.0 otherwise.",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference", default=None, help="Folder of real images, or 'mnist' (bundled digits).")
@@ -166,7 +171,7 @@ def generate(args) -> tuple[str, dict]:
     """Generate `--num_images` into `<out>/samples` (expert-major, resumable); params and MACs of the model."""
     pipe = load_pipeline(args.model, scheduler=args.scheduler)
     labels = class_labels_for(args.class_label, args.num_images, pipe.unet.config.num_class_embeds)
-    guidance = guidance_for(args.guidance_scale, pipe.unet.num_experts)
+    guidance = guidance_for(args.guidance_scale, pipe.unet.num_experts, labels is not None)
     pipe.to(args.device)
     sample_dir = os.path.join(args.out, "samples")
     start = time.perf_counter()

@@ -40,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Class-conditional models: labels cycled over the images, or all.",
     )
     parser.add_argument(
-        "--guidance_scale", type=float, nargs="+", default=[1.0], help="One value, or one per expert (expert 0 first)."
+        "--guidance_scale",
+        type=float,
+        nargs="+",
+        default=None,
+        help="One value, or one per expert (expert 0 first); default 1.5 for class-conditional models (the measured best "
+        "of benchmarks/RESULTS.md), 1.0 otherwise.",
     )
     parser.add_argument("--offload", default=None, help="Per-expert offload onto this device (e.g. cuda).")
     parser.add_argument("--bulk", action="store_true", help="Expert-major generation (generate_many), resumable.")
@@ -64,7 +69,7 @@ def main(args):
     pipe = load_pipeline(args.model, scheduler=args.scheduler)
     mixture = pipe.unet
     labels = class_labels_for(args.class_label, args.num_images, mixture.config.num_class_embeds)
-    guidance = guidance_for(args.guidance_scale, mixture.num_experts)
+    guidance = guidance_for(args.guidance_scale, mixture.num_experts, mixture.config.num_class_embeds is not None)
     if args.blended:
         options = dict(align_to_boundaries=args.align, steps_per_expert=args.steps_per_expert)
         pipe.scheduler = BlendedScheduler.from_scheduler(pipe.scheduler, **options)

@@ -223,6 +223,7 @@ def main(args):
                 "train_batch_size": args.train_batch_size,
                 "learning_rate": args.learning_rate,
                 "resolution": args.resolution,
+                "guidance_scale": args.guidance_scale if args.num_classes else None,
             },
         }
         export_run(args, mixture, noise_scheduler, metadata, None, device)

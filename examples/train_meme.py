@@ -220,6 +220,7 @@ def training_metadata(args, mixture, steps_per_expert: int, dataset_size: int) -
             "prediction_type": args.prediction_type,
             "num_classes": args.num_classes,
             "class_dropout_prob": args.class_dropout_prob,
+            "guidance_scale": args.guidance_scale if args.num_classes else None,
             "lora_rank": args.lora_rank,
             "vae": args.vae,
             "dataset_size": dataset_size,

@@ -113,8 +113,15 @@ def class_labels_for(
     return torch.tensor([labels[i % len(labels)] for i in range(num_images)])
 
 
-def guidance_for(values: Sequence[float], num_experts: int) -> float | list[float]:
-    """The `--guidance_scale` values as the pipeline takes them: one scale, or one per expert (expert 0 first)."""
+# Classifier-free guidance scale measured best for class-conditional models (benchmarks/RESULTS.md, "Guidance").
+DEFAULT_GUIDANCE_SCALE = 1.5
+
+
+def guidance_for(values: Sequence[float] | None, num_experts: int, conditional: bool = False) -> float | list[float]:
+    """The `--guidance_scale` values as the pipeline takes them: one scale, or one per expert (expert 0 first).
+    Without values: `DEFAULT_GUIDANCE_SCALE` for class-conditional models, 1.0 (no guidance) otherwise."""
+    if not values:
+        return DEFAULT_GUIDANCE_SCALE if conditional else 1.0
     if len(values) == 1:
         return float(values[0])
     if len(values) != num_experts:

@@ -199,7 +199,9 @@ def add_preview_and_hub_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num_preview_images", type=int, default=16)
     group.add_argument("--preview_inference_steps", type=int, default=25)
     group.add_argument("--preview_sampler", type=str, default="ddim", choices=["ddim", "dpm"])
-    group.add_argument("--guidance_scale", type=float, default=3.0, help="Classifier-free guidance in previews.")
+    group.add_argument(
+        "--guidance_scale", type=float, default=1.5, help="Classifier-free guidance in previews (measured best: 1.5)."
+    )
     group.add_argument("--push_to_hub", action="store_true")
     group.add_argument("--hub_model_id", type=str, default=None)
     group.add_argument("--hub_token", type=str, default=None)
