@@ -40,6 +40,7 @@ from diffusers_experts.evaluation import (
     MIN_EXTRACTOR_ACCURACY,
     ReferenceClassifier,
     UsageError,
+    add_class_and_guidance_arguments,
     class_labels_for,
     compute_metrics,
     count_parameters,
@@ -63,20 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=50, help="Inference steps with --model.")
     parser.add_argument("--scheduler", default="ddim", help="Scheduler name (see diffusers_experts.schedulers).")
-    parser.add_argument(
-        "--class_label",
-        nargs="+",
-        default=None,
-        help="Class-conditional models: labels cycled over the images, or all.",
-    )
-    parser.add_argument(
-        "--guidance_scale",
-        type=float,
-        nargs="+",
-        default=None,
-        help="One value, or one per expert (expert 0 first); default 1.5 for class-conditional models (the measured best "
-        "of benchmarks/RESULTS.md), 1.0 otherwise.",
-    )
+    add_class_and_guidance_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference", default=None, help="Folder of real images, or 'mnist' (bundled digits).")
     parser.add_argument("--reference_dataset", default=None, help="A datasets dataset (save_to_disk folder or id).")

@@ -18,7 +18,14 @@ import torch
 from PIL import Image
 
 from diffusers_experts import BlendedScheduler
-from diffusers_experts.evaluation import UsageError, class_labels_for, guidance_for, load_pipeline, save_image_grid
+from diffusers_experts.evaluation import (
+    UsageError,
+    add_class_and_guidance_arguments,
+    class_labels_for,
+    guidance_for,
+    load_pipeline,
+    save_image_grid,
+)
 from diffusers_experts.schedulers import SCHEDULER_NAMES
 from diffusers_experts.training.arguments import HelpFormatter
 
@@ -33,20 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--blended", action="store_true", help="Wrap the scheduler in a BlendedScheduler.")
     parser.add_argument("--align", action="store_true", help="Align the steps to the expert boundaries (--blended).")
     parser.add_argument("--steps_per_expert", type=int, nargs="+", default=None, help="Expert 0 first (--blended).")
-    parser.add_argument(
-        "--class_label",
-        nargs="+",
-        default=None,
-        help="Class-conditional models: labels cycled over the images, or all.",
-    )
-    parser.add_argument(
-        "--guidance_scale",
-        type=float,
-        nargs="+",
-        default=None,
-        help="One value, or one per expert (expert 0 first); default 1.5 for class-conditional models (the measured best "
-        "of benchmarks/RESULTS.md), 1.0 otherwise.",
-    )
+    add_class_and_guidance_arguments(parser)
     parser.add_argument("--offload", default=None, help="Per-expert offload onto this device (e.g. cuda).")
     parser.add_argument("--bulk", action="store_true", help="Expert-major generation (generate_many), resumable.")
     parser.add_argument("--seed", type=int, default=0, help="Image i uses seed + i.")

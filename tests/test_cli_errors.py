@@ -16,18 +16,12 @@ import pytest
 import torch
 
 from diffusers_experts.evaluation.trained_model import UsageError, load_pipeline
+from test_train_scripts import TINY_UNET
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 SCRIPTS = sorted(name[:-3] for name in os.listdir(EXAMPLES) if name.endswith(".py"))
-TINY_UNET = {
-    "block_out_channels": [16, 32],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 8,
-}
 
 
 def _load_example(name: str):

@@ -44,12 +44,21 @@ from .plots import (
     plot_routing,
     save_image_grid,
 )
-from .trained_model import UsageError, class_labels_for, guidance_for, load_pipeline
+from .trained_model import (
+    UsageError,
+    add_class_and_guidance_arguments,
+    class_labels_for,
+    guidance_for,
+    load_pipeline,
+    usage_errors,
+)
 
 
 __all__ = [
     "UsageError",
+    "add_class_and_guidance_arguments",
     "class_labels_for",
+    "usage_errors",
     "guidance_for",
     "CLASSIFIER_EXTRACTOR_NAME",
     "DEFAULT_HELDOUT_TIMESTEPS",

@@ -44,6 +44,25 @@ def load_pipeline(name_or_path: str, scheduler: str | None = None) -> MultiExper
     return pipe
 
 
+def add_class_and_guidance_arguments(parser) -> None:
+    """`--class_label` and `--guidance_scale` of the sampling scripts (read with [`class_labels_for`] and
+    [`guidance_for`] once the model is loaded)."""
+    parser.add_argument(
+        "--class_label",
+        nargs="+",
+        default=None,
+        help="Class-conditional models: labels cycled over the images, or all.",
+    )
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        nargs="+",
+        default=None,
+        help="One value, or one per expert (expert 0 first); default 1.5 for class-conditional models (the measured "
+        "best of benchmarks/RESULTS.md), 1.0 otherwise.",
+    )
+
+
 class UsageError(ValueError):
     """A command-line value that does not fit the loaded model or data; the scripts print it as one usage line."""
 
