@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 
@@ -13,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import routing as R
-from ..constants import EXPERT_FOLDER, SHARED_CONFIG_KEYS
+from ..constants import EXPERT_FOLDER
 from ..hub_mixin import HubPushMixin
 from ..loading import (
     check_expert_source,
@@ -28,6 +30,16 @@ from ..loading import (
     routing_weights_name,
 )
 from ..saving import atomic_directory
+from .expert_adapters import set_expert_adapters
+from .expert_calls import (
+    ExpertsDisagreeError,
+    MixtureConfig,
+    bind_call,
+    check_call_signatures,
+    expert_config_keys,
+    sample_of,
+    take_rows,
+)
 
 
 def _active(weights: torch.Tensor) -> list[int]:
@@ -50,13 +62,16 @@ def _mixture_entries(directory: str | os.PathLike) -> tuple[str, ...]:
     return tuple(name for name in os.listdir(directory) if is_mixture_entry(name))
 
 
-def _sample_of(output) -> torch.Tensor:
-    """The denoised tensor of an expert's output (`UNet2DOutput`, tuple or tensor)."""
-    if hasattr(output, "sample"):
-        return output.sample
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return output
+_NO = inspect.Parameter("return_dict", inspect.Parameter.KEYWORD_ONLY, default=True)
+
+
+def _listed(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _module_layout(module: nn.Module) -> tuple:
+    """Class and parameter shapes of a module: equal layouts are interchangeable for a reader of its attributes."""
+    return (type(module), tuple((name, tuple(p.shape)) for name, p in module.named_parameters()))
 
 
 class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
@@ -121,7 +136,7 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
         ```
     """
 
-    ignore_for_config = ["experts"]
+    ignore_for_config = ["experts", "expert_config"]
     _supports_gradient_checkpointing = True
 
     @register_to_config
@@ -142,7 +157,9 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
         num_class_embeds: int | None = None,
         expert_sources: Sequence[dict | None] | None = None,
         experts: Sequence[nn.Module] | None = None,
+        **expert_config,
     ):
+        # `expert_config`: the experts' shared config keys of a saved mixture; they are re-read from the experts
         super().__init__()
         if experts is None:
             raise ValueError(
@@ -171,6 +188,16 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
                 f"`expert_sources` must hold one entry per expert ({num_experts}), got {list(expert_sources)!r}."
             )
         self.register_to_config(boundaries=normalized, blend_width=blend_width)
+        self._register_expert_config(
+            experts,
+            {
+                "sample_size": sample_size,
+                "in_channels": in_channels,
+                "out_channels": out_channels,
+                "num_class_embeds": num_class_embeds,
+            },
+        )
+        self._call_signature = check_call_signatures(experts)
 
         self.experts = nn.ModuleList(experts)
         self._boundary_cache: dict[tuple, torch.Tensor] = {}
@@ -188,7 +215,7 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
             self.routing_logits = nn.Parameter(init)
         else:
             self.routing_logits = None
-        self.sample_size = sample_size
+        self.sample_size = self.config.sample_size
 
     # ------------------------------------------------------------------ construction
 
@@ -229,7 +256,6 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
         models, references = cls._load_experts(experts, routing_kwargs.get("expert_sources"))
         if any(ref is not None for ref in references):
             routing_kwargs["expert_sources"] = references
-        shared = cls._shared_expert_config(models)
         boundaries = R.normalize_boundaries(boundaries, len(models), num_train_timesteps, boundary_units)
         return cls(
             expert_classes=[expert_class_name(type(m)) for m in models],
@@ -237,7 +263,6 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
             routing=routing,
             num_train_timesteps=num_train_timesteps,
             experts=models,
-            **shared,
             **routing_kwargs,
         )
 
@@ -269,25 +294,89 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
             references.append(reference)
         return models, references
 
+    # ------------------------------------------------------------------ what the experts share
+
+    def _register_expert_config(self, experts: Sequence[nn.Module], given: Mapping) -> None:
+        """Put every config key all experts share into the mixture's config (pipelines read `in_channels`,
+        `time_cond_proj_dim`, `patch_size`, ... from it); remember the keys they disagree on, for a clear error."""
+        reserved = set(inspect.signature(type(self).__init__).parameters)
+        shared, disagreements, required = expert_config_keys(experts, reserved=reserved - set(given))
+        for key, values in required.items():
+            raise ValueError(
+                f"All experts must share `{key}`, got {values!r} for experts 0..{len(experts) - 1}. A mixture "
+                f"denoises one kind of sample: use experts with equal `{key}`."
+            )
+        for key, value in given.items():
+            if value is not None and _listed(value) != _listed(shared.get(key)):
+                raise ValueError(f"`{key}`={value!r} does not match the experts' `{key}` ({shared.get(key)!r}).")
+        self.register_to_config(**{**dict.fromkeys(given), **shared})
+        self._expert_disagreements = disagreements
+
+    @property
+    def config(self) -> MixtureConfig:
+        """The mixture's config: its routing keys, plus every config key its experts share (`in_channels`,
+        `sample_size`, `time_cond_proj_dim`, `patch_size`, ...). Reading a key the experts disagree on raises an
+        error naming each expert's value."""
+        internal = self._internal_dict
+        cached = self.__dict__.get("_config_view")
+        if cached is None or cached[0] is not internal:
+            view = MixtureConfig(internal, disagreements=self.__dict__.get("_expert_disagreements"))
+            self.__dict__["_config_view"] = cached = (internal, view)
+        return cached[1]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            experts = self.__dict__.get("_modules", {}).get("experts")
+            if name.startswith("_") or experts is None:
+                raise
+            return self._expert_attribute(experts, name)
+
     @staticmethod
-    def _shared_expert_config(experts: Sequence[nn.Module]) -> dict:
-        """`sample_size`, `in_channels`, `out_channels`, `num_class_embeds` that every expert must share."""
-        shared = {}
-        for key in SHARED_CONFIG_KEYS:
-            values = []
-            for k, expert in enumerate(experts):
-                config = getattr(expert, "config", None)
-                if config is None or (key != "num_class_embeds" and key not in config):
-                    raise TypeError(f"`experts[{k}]` ({type(expert).__name__}) has no `config.{key}`.")
-                value = config.get(key)
-                values.append(tuple(value) if isinstance(value, list) else value)
-            if len(set(values)) != 1:
-                raise ValueError(
-                    f"All experts must share `{key}`, got {values!r} for experts 0..{len(experts) - 1}. "
-                    f"A mixture denoises one kind of sample: use experts with equal `{key}`."
-                )
-            shared[key] = list(values[0]) if isinstance(values[0], tuple) else values[0]
-        return shared
+    def _expert_attribute(experts: nn.ModuleList, name: str):
+        """A submodule all experts have with one structure (`mid_block`, `add_embedding`, ...): expert 0's, which
+        pipelines may read (e.g. SDXL's `unet.add_embedding.linear_1.in_features`); `None` if it is `None` in all."""
+        values = [getattr(expert, name, AttributeError) for expert in experts]
+        if all(value is AttributeError for value in values):
+            raise AttributeError(f"'ExpertMixtureUNet' object and its experts have no attribute {name!r}")
+        if all(value is None for value in values):
+            return None
+        if all(isinstance(value, nn.Module) for value in values):
+            layouts = [_module_layout(value) for value in values]
+            if all(layout == layouts[0] for layout in layouts):
+                return values[0]
+            raise ExpertsDisagreeError(
+                f"`{name}` differs between the experts (classes or parameter shapes), so the mixture has no single "
+                f"`{name}`: {[type(value).__name__ for value in values]}."
+            )
+        raise AttributeError(
+            f"'ExpertMixtureUNet' object has no attribute {name!r} (the mixture passes through only submodules that "
+            f"all experts share; read `mixture.experts[k].{name}`)."
+        )
+
+    @property
+    def call_parameters(self) -> tuple[str, ...]:
+        """Names of the experts' (and so the mixture's) `forward` arguments; the first is the noisy input
+        (`"sample"` for UNets, `"hidden_states"` for transformers)."""
+        return tuple(self._call_signature.parameters)
+
+    def set_expert_adapters(self, adapter_names, weights=None) -> None:
+        r"""
+        Activate LoRA adapters per expert with per-expert strengths (diffusers' `set_adapters`, expert by expert).
+        See [`~diffusers_experts.models.expert_adapters.set_expert_adapters`].
+        """
+        set_expert_adapters(self.experts, adapter_names, weights)
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs):
+        """diffusers' `CacheMixin.cache_context` for every expert that has one (Wan/SD3-style pipelines call it
+        around each denoiser call)."""
+        with contextlib.ExitStack() as stack:
+            for expert in self.experts:
+                if hasattr(type(expert), "cache_context"):
+                    stack.enter_context(expert.cache_context(name, **kwargs))
+            yield
 
     # ------------------------------------------------------------------ routing
 
@@ -437,7 +526,15 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
             )
         return weights
 
-    def _check_class_labels(self, class_labels: torch.Tensor | None) -> None:
+    def _check_class_labels(self, arguments: Mapping) -> None:
+        """Class labels of experts with a class table (`num_class_embeds`): required by conditional ones, refused
+        by unconditional ones (`UNet2DModel` would ignore them silently)."""
+        if "class_labels" not in self._call_signature.parameters:
+            return
+        expert_config = self.experts[0].config
+        if "num_class_embeds" not in expert_config or expert_config.get("class_embed_type") is not None:
+            return
+        class_labels = arguments.get("class_labels")
         if class_labels is not None and self.config.num_class_embeds is None:
             raise ValueError(
                 "`class_labels` were given, but the experts are unconditional (num_class_embeds=None): pass "
@@ -449,72 +546,75 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
                 f"(num_class_embeds={self.config.num_class_embeds})."
             )
 
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | float | int,
-        class_labels: torch.Tensor | None = None,
-        return_dict: bool = True,
-        expert_weights: torch.Tensor | None = None,
-    ) -> UNet2DOutput | tuple:
+    def forward(self, *args, expert_weights: torch.Tensor | None = None, **kwargs):
         r"""
-        Denoise with the experts that own each sample's noise level: `sum_k w_k(t) * expert_k(sample, t)`.
+        Denoise with the experts that own each sample's noise level: `sum_k w_k(t) * expert_k(sample, t, ...)`.
+
+        Takes exactly the experts' own arguments (e.g. `UNet2DModel`: `sample, timestep, class_labels, return_dict`;
+        `UNet2DConditionModel`: `..., encoder_hidden_states, timestep_cond, cross_attention_kwargs,
+        added_cond_kwargs, ...`; DiT/SD3/Wan transformers: `hidden_states, timestep, encoder_hidden_states,
+        pooled_projections, attention_kwargs, ...`) and returns the experts' own output class (a tuple with
+        `return_dict=False`). Every conditioning argument is passed through.
 
         Args:
-            sample (`torch.Tensor`): Noisy input `(batch, channel, height, width)`.
-            timestep (`torch.Tensor` or `float` or `int`):
-                Training timestep: a scalar or one per sample (a training batch may mix noise levels).
-            class_labels (`torch.Tensor`, *optional*): Class indices for class-conditional experts.
-            return_dict (`bool`, defaults to `True`): Return a `UNet2DOutput` instead of a tuple.
+            timestep (`torch.Tensor` or `float` or `int`): The timestep the experts are conditioned on, a scalar or
+                one per sample (a training batch may mix noise levels); routing is in its units. A `(batch, tokens)`
+                timestep (Wan's per-token timesteps) is routed by each sample's largest value.
             expert_weights (`torch.Tensor`, *optional*):
                 Override the routing with explicit `(batch, N)` weights (>= 0, rows summing to 1).
 
-        Each expert runs only on the samples where its weight is > 0; a batch routed entirely to one expert with
-        weight 1 calls that expert directly, so hard routing costs one expert call.
+        Each expert runs only on the samples where its weight is > 0, with the batch-shaped conditioning tensors
+        (nested ones too, e.g. `added_cond_kwargs`) cut to those samples; a batch routed entirely to one expert with
+        weight 1 calls that expert with the arguments as given (bit-identical to the expert alone), so hard routing
+        costs one expert call.
         """
+        arguments = bind_call(self._call_signature, args, kwargs)
+        sample_name = next(iter(self._call_signature.parameters))
+        sample, timestep = arguments.get(sample_name), arguments.get("timestep")
+        if not torch.is_tensor(sample):
+            raise TypeError(f"`{sample_name}` must be a tensor (the noisy input), got {type(sample).__name__}.")
+        if timestep is None:
+            raise ValueError("`timestep` is required: the mixture routes every call by the timestep it is given.")
         batch_size = sample.shape[0]
-        self._check_class_labels(class_labels)
+        self._check_class_labels(arguments)
 
         # 1. route: a hard-routed shared timestep needs no tensor work; otherwise (batch, N) weights
         weights = None
         owner = self._hard_owner(timestep) if expert_weights is None else None
         if owner is None:
             if expert_weights is None:
-                weights = self.expert_weights(timestep, batch_size)
+                routed = timestep.amax(dim=1) if torch.is_tensor(timestep) and timestep.ndim == 2 else timestep
+                weights = self.expert_weights(routed, batch_size)
             else:
                 weights = self._check_weights(expert_weights, batch_size)
             owner = _sole_owner(weights)
 
         # 2. one expert with weight 1 for the whole batch: call it as is (bit-identical to the expert alone)
         if owner is not None:
-            return self.experts[owner](sample, timestep, class_labels=class_labels, return_dict=return_dict)
+            return self.experts[owner](*args, **kwargs)
 
         # 3. otherwise each active expert on its own samples, weighted sum
-        active = weights.detach().gt(0)
-        used = _active(weights)
-        per_sample_t = torch.is_tensor(timestep) and timestep.ndim > 0 and timestep.numel() == batch_size
+        return_dict = arguments.get("return_dict", self._call_signature.parameters.get("return_dict", _NO).default)
+        active = weights.detach().gt(0).to(sample.device)
         weights = weights.to(sample.device)
-        active = active.to(sample.device)
-        output = None
-        for k in used:
+        output = output_class = None
+        for k in _active(weights):
             rows = torch.nonzero(active[:, k]).flatten()
             if rows.numel() == batch_size:
-                x_k, t_k, c_k, w_k = sample, timestep, class_labels, weights[:, k]
+                arguments_k, w_k = arguments, weights[:, k]
             else:
-                x_k = sample.index_select(0, rows)
-                t_k = timestep.index_select(0, rows.to(timestep.device)) if per_sample_t else timestep
-                c_k = class_labels.index_select(0, rows.to(class_labels.device)) if class_labels is not None else None
+                arguments_k = {name: take_rows(value, rows, batch_size) for name, value in arguments.items()}
                 w_k = weights[rows, k]
-            result = self.experts[k](x_k, t_k, class_labels=c_k, return_dict=True)
-            out_k = _sample_of(result)
+            result = self.experts[k](**arguments_k)
+            out_k = sample_of(result)
             if output is None:
-                output_class = type(result) if hasattr(result, "sample") else UNet2DOutput
+                output_class = type(result) if hasattr(result, "sample") else None
                 output = torch.zeros((batch_size, *out_k.shape[1:]), dtype=out_k.dtype, device=out_k.device)
             weighted = w_k.to(out_k.dtype).view(-1, *([1] * (out_k.ndim - 1))) * out_k
             output = output + weighted if rows.numel() == batch_size else output.index_add(0, rows, weighted)
-        if not return_dict:
+        if return_dict is False:
             return (output,)
-        return output_class(sample=output)
+        return (output_class or UNet2DOutput)(sample=output)
 
     # ------------------------------------------------------------------ saving and loading
 
