@@ -444,3 +444,46 @@ def test_a_missing_local_folder_is_not_reported_as_only_a_hub_problem(hub_server
         load_pipeline("my-run")  # a typo'd output folder: the loopback Hub has no such repo
     with pytest.raises(ValueError, match=r"'\./runs/my-run' is neither a model folder nor a Hub repo id"):
         load_pipeline("./runs/my-run")
+
+
+def test_wan_style_pair_through_per_expert_repos_loads_back_bit_identical(repo, tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    from diffusers_experts import mixture_from_wan
+
+    def transformer(seed):
+        torch.manual_seed(seed)
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+            text_dim=8, freq_dim=16, ffn_dim=16, num_layers=1, rope_max_seq_len=16,
+        )  # fmt: skip
+
+    mixture = mixture_from_wan(transformer(0), transformer(1), boundary_ratio=0.875)
+    sources = push_experts_to_hub(mixture, [f"{repo}-low-noise", f"{repo}-high-noise"], mixture_repo_id=repo)
+    push_mixture_to_hub(mixture, repo, expert_sources=sources)
+    loaded = ExpertMixtureUNet.from_pretrained(repo, cache_dir=tmp_path)
+    assert [type(e).__name__ for e in loaded.experts] == ["WanTransformer3DModel"] * 2
+    assert loaded.config.boundaries == [875.0] and loaded.config.patch_size == [1, 2, 2]
+    for original, back in zip(mixture.experts, loaded.experts):  # bit-identical weights
+        state, loaded_state = original.state_dict(), back.state_dict()
+        assert state.keys() == loaded_state.keys() and all(torch.equal(state[n], loaded_state[n]) for n in state)
+    generator = torch.Generator().manual_seed(0)
+    video, text = torch.randn(2, 4, 3, 8, 8, generator=generator), torch.randn(2, 5, 8, generator=generator)
+    timesteps = torch.tensor([900.0, 100.0])  # one sample per expert
+    # outputs: exactly those of each expert repo loaded by diffusers alone; the in-memory original differs in the last
+    # bit at most (memory-mapped weights are aligned differently, so the CPU kernels may round differently)
+    alone = [
+        WanTransformer3DModel.from_pretrained(r, cache_dir=tmp_path)
+        for r in (f"{repo}-low-noise", f"{repo}-high-noise")
+    ]
+    with torch.no_grad():
+        got = loaded(hidden_states=video, timestep=timesteps, encoder_hidden_states=text).sample
+        for row, k in ((0, 1), (1, 0)):
+            own = alone[k](
+                hidden_states=video[row : row + 1],
+                timestep=timesteps[row : row + 1],
+                encoder_hidden_states=text[row : row + 1],
+            )
+            assert torch.equal(got[row : row + 1], own.sample)
+        expected = mixture(hidden_states=video, timestep=timesteps, encoder_hidden_states=text).sample
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

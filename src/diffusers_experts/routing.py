@@ -24,7 +24,8 @@ import torch
 
 
 ROUTING_MODES = ("hard", "linear", "sigmoid", "learned")
-BOUNDARY_UNITS = ("auto", "timestep", "fraction")
+BOUNDARY_UNITS = ("auto", "timestep", "fraction", "sigma", "snr")
+NOISE_LEVEL_UNITS = ("sigma", "snr")
 TIMESTEP_STRATEGIES = ("hard", "soft", "uniform")
 LEARNED_INITS = ("hard", "linear", "sigmoid")
 
@@ -51,6 +52,7 @@ def normalize_boundaries(
     num_experts: int,
     num_train_timesteps: int = 1000,
     boundary_units: str = "auto",
+    scheduler=None,
 ) -> list[float]:
     """Validate `boundaries` and return them in training-timestep units.
 
@@ -61,8 +63,10 @@ def normalize_boundaries(
         num_train_timesteps (`int`, defaults to 1000): `T`.
         boundary_units (`str`, defaults to `"auto"`):
             `"timestep"` (values in `(0, T)`), `"fraction"` (values in `(0, 1)`, multiplied by `T`) or `"auto"`
-            (fractions when every value is a float strictly between 0 and 1, timesteps otherwise). To give a boundary
-            as a sigma or SNR value, convert it first with [`timestep_from_sigma`] / [`timestep_from_snr`].
+            (fractions when every value is a float strictly between 0 and 1, timesteps otherwise), `"sigma"` or
+            `"snr"` (noise levels, converted with `scheduler`'s noise schedule by [`timestep_from_noise_level`]; give
+            them expert by expert, expert 0's upper boundary first: sigmas ascend, SNRs descend).
+        scheduler (`SchedulerMixin`, *optional*): The noise schedule for `"sigma"` / `"snr"` boundaries.
     """
     if not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"`num_experts` must be a positive integer, got {num_experts!r}.")
@@ -85,6 +89,14 @@ def normalize_boundaries(
             f"got {len(values)}: {values!r}."
         )
     units = boundary_units
+    if units in NOISE_LEVEL_UNITS:
+        if scheduler is None:
+            raise ValueError(
+                f"`boundary_units`={units!r} needs `scheduler=`: the noise schedule that maps a noise level to a "
+                f"timestep (e.g. the DDPMScheduler the experts were trained with, or a flow-matching scheduler)."
+            )
+        values = [timestep_from_noise_level(b, units, scheduler, num_train_timesteps) for b in values]
+        units = "timestep"
     if units == "auto":
         fraction_like = [isinstance(b, float) and 0.0 < b < 1.0 for b in values]
         if any(fraction_like) and not all(fraction_like):
@@ -164,6 +176,52 @@ def timestep_from_snr(snr: float, alphas_cumprod: torch.Tensor) -> float:
     if snr <= 0:
         raise ValueError(f"`snr` must be > 0, got {snr!r}.")
     return timestep_from_sigma(snr**-0.5, alphas_cumprod)
+
+
+def is_flow_matching(scheduler) -> bool:
+    """Whether `scheduler` runs a flow-matching schedule (`x_t = (1 - sigma) x_0 + sigma * noise`, timestep =
+    sigma * T): diffusers' FlowMatch schedulers, or a solver configured with `use_flow_sigmas` (Wan's UniPC)."""
+    config = getattr(scheduler, "config", {})
+    if config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction":
+        return True
+    return "FlowMatch" in type(scheduler).__name__
+
+
+def timestep_from_noise_level(value: float, units: str, scheduler, num_train_timesteps: int) -> float:
+    r"""
+    The timestep a denoiser is conditioned on at noise level `value` under `scheduler`'s noise schedule.
+
+    - DDPM family (`alphas_cumprod`): `sigma = sqrt((1 - a_t) / a_t)` (the Euler/Karras sigma), `snr = a_t / (1 - a_t)`;
+      the fractional training timestep with that sigma ([`timestep_from_sigma`]).
+    - Flow matching (FlowMatch schedulers, `use_flow_sigmas`): `x_t = (1 - sigma) x_0 + sigma * noise`, the timestep is
+      `sigma * T`, `snr = ((1 - sigma) / sigma)^2`, so `sigma = 1 / (1 + sqrt(snr))`.
+    """
+    if units not in NOISE_LEVEL_UNITS:
+        raise ValueError(f"`units` must be one of {list(NOISE_LEVEL_UNITS)}, got {units!r}.")
+    if not value > 0:
+        raise ValueError(f"A boundary given as {units} must be > 0, got {value!r}.")
+    if is_flow_matching(scheduler):
+        sigma = value if units == "sigma" else 1.0 / (1.0 + math.sqrt(value))
+        if not 0.0 < sigma < 1.0:
+            raise ValueError(f"A flow-matching sigma lies in (0, 1), got sigma={sigma!r} (from {units}={value!r}).")
+        return sigma * num_train_timesteps
+    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+    if alphas_cumprod is None:
+        raise ValueError(
+            f"Cannot convert a {units} to a timestep with {type(scheduler).__name__}: it has neither `alphas_cumprod` "
+            f"(DDPM family) nor a flow-matching schedule."
+        )
+    return timestep_from_sigma(value, alphas_cumprod) if units == "sigma" else timestep_from_snr(value, alphas_cumprod)
+
+
+def boundary_from_denoising_end(denoising_end: float, num_train_timesteps: int = 1000) -> float:
+    """The boundary of SDXL's base + refiner split: `denoising_end` is the fraction of the *denoising* done by the
+    base (high-noise) model, which runs while `t >= round(T * (1 - denoising_end))` (diffusers' cutoff). So
+    `denoising_end=0.8` is the boundary t = 200. Wan's `boundary_ratio` is the opposite convention: a fraction of
+    `T` (the boundary is `boundary_ratio * T`, `0.875` -> t = 875)."""
+    if not 0.0 < denoising_end < 1.0:
+        raise ValueError(f"`denoising_end` must lie in (0, 1), got {denoising_end!r}.")
+    return float(round(num_train_timesteps - denoising_end * num_train_timesteps))
 
 
 def expert_index(timesteps, boundaries):

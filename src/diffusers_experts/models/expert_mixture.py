@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import os
 from collections.abc import Mapping, Sequence
@@ -227,6 +228,7 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
         routing: str = "hard",
         num_train_timesteps: int = 1000,
         boundary_units: str = "auto",
+        scheduler=None,
         **routing_kwargs,
     ) -> ExpertMixtureUNet:
         r"""
@@ -238,11 +240,16 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
                 is then embedded in the mixture); a dict `{"repo_id", "revision", "subfolder"}` loads an expert from a
                 Hub repo (or folder) and keeps it as a reference in `expert_sources`: saving or pushing the mixture
                 stores the reference, not the weights.
-            boundaries (`list[float]`, *optional*): `N - 1` ascending boundaries (timesteps, or fractions of `T`,
-                see `boundary_units`); `None` gives equal intervals.
+            boundaries (`list[float]`, *optional*): `N - 1` boundaries, expert 0's upper boundary first (timesteps,
+                fractions of `T`, sigmas or SNRs, see `boundary_units`); `None` gives equal intervals. They are
+                converted once, here, to the units of the `timestep` the experts are conditioned on: integer training
+                timesteps for DDPM-family UNets, `sigma * 1000` for flow-matching transformers (SD3, Wan).
             routing (`str`, defaults to `"hard"`): `"hard"`, `"linear"`, `"sigmoid"` or `"learned"`.
             num_train_timesteps (`int`, defaults to 1000): `T`, the training noise schedule's length.
-            boundary_units (`str`, defaults to `"auto"`): `"timestep"`, `"fraction"` or `"auto"`.
+            boundary_units (`str`, defaults to `"auto"`): `"timestep"`, `"fraction"`, `"sigma"`, `"snr"` or
+                `"auto"` (fractions when all values are floats in (0, 1), timesteps otherwise).
+            scheduler (`SchedulerMixin`, *optional*): The noise schedule that converts `"sigma"` / `"snr"`
+                boundaries (DDPM family: through its `alphas_cumprod`; flow matching: `t = sigma * T`).
             routing_kwargs: `blend_width`, `sharpness`, `num_knots`, `learned_init`, `weight_threshold`.
         """
         if isinstance(experts, (nn.Module, str, os.PathLike)) or not isinstance(experts, Sequence):
@@ -256,7 +263,7 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
         models, references = cls._load_experts(experts, routing_kwargs.get("expert_sources"))
         if any(ref is not None for ref in references):
             routing_kwargs["expert_sources"] = references
-        boundaries = R.normalize_boundaries(boundaries, len(models), num_train_timesteps, boundary_units)
+        boundaries = R.normalize_boundaries(boundaries, len(models), num_train_timesteps, boundary_units, scheduler)
         return cls(
             expert_classes=[expert_class_name(type(m)) for m in models],
             boundaries=boundaries,
@@ -465,6 +472,40 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
     def active_experts(self, timesteps) -> list[int]:
         """Experts with non-zero weight for any of `timesteps` (the ones a call at these timesteps runs)."""
         return _active(self.expert_weights(timesteps))
+
+    def steps_per_expert(self, scheduler, num_inference_steps: int, **set_timesteps_kwargs) -> list[int]:
+        r"""
+        How many denoiser calls each expert gets when `scheduler` samples in `num_inference_steps` steps: the split
+        preview of a two-expert model, for any number of experts, under the scheduler's own configuration (timestep
+        spacing, Karras sigmas, flow shift, second-order solvers' extra calls). Counts the calls in which an expert
+        has non-zero weight (with blends, a call can count for two experts).
+
+        Args:
+            scheduler (`SchedulerMixin`): The sampling scheduler (not changed: a copy sets its timesteps).
+            num_inference_steps (`int`): Sampling steps.
+            set_timesteps_kwargs: Passed to the copy's `set_timesteps` (e.g. `mu=` for dynamically shifted flow
+                matching, `sigmas=`).
+
+        Example:
+            ```py
+            >>> from diffusers import DPMSolverMultistepScheduler
+            >>> mixture.steps_per_expert(DPMSolverMultistepScheduler(use_karras_sigmas=True), 25)  # doctest: +SKIP
+            [14, 6, 3, 2]
+            ```
+        """
+        if (
+            not isinstance(num_inference_steps, int)
+            or isinstance(num_inference_steps, bool)
+            or num_inference_steps < 1
+        ):
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        preview = copy.deepcopy(scheduler)
+        preview.set_timesteps(num_inference_steps, device="cpu", **set_timesteps_kwargs)
+        counts = [0] * self.num_experts
+        for timestep in preview.timesteps:
+            for k in self.active_experts(timestep):
+                counts[k] += 1
+        return counts
 
     def sample_training_timesteps(
         self,
