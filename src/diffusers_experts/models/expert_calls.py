@@ -63,7 +63,7 @@ class MixtureConfig(FrozenDict):
         object.__setattr__(self, "_disagreements", dict(disagreements or {}))
         super().__init__(*args, **kwargs)
 
-    def __getattr__(self, name: str):
+    def _refuse(self, name: str) -> None:
         disagreements = self.__dict__.get("_disagreements", {})
         if name in disagreements:
             values = ", ".join(f"expert {k}: {v!r}" for k, v in enumerate(disagreements[name]))
@@ -71,7 +71,21 @@ class MixtureConfig(FrozenDict):
                 f"`config.{name}` is not defined for this mixture: its experts disagree ({values}). A pipeline that "
                 f"needs `{name}` needs experts that share it."
             )
+
+    def __getattr__(self, name: str):
+        self._refuse(name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __getitem__(self, key):
+        if key not in self:
+            self._refuse(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        # `config.get(key)` must not read a disagreement as "unset"
+        if key not in self:
+            self._refuse(key)
+        return super().get(key, default)
 
     def __reduce__(self):
         return (_rebuild_mixture_config, (dict(self), self.__dict__.get("_disagreements", {})))
