@@ -72,6 +72,12 @@ def main(args):
     else:
         pipe.to(args.device)
 
+    split = mixture.steps_per_expert(pipe.scheduler, args.steps)
+    owned = ", ".join(
+        f"expert {k} [{low:g}, {high:g}): {n}"
+        for k, ((low, high), n) in enumerate(zip(mixture.expert_intervals, split))
+    )
+    print(f"denoiser calls per expert ({type(pipe.scheduler).__name__}, {args.steps} steps): {owned}")
     call = dict(num_inference_steps=args.steps, guidance_scale=guidance)
     os.makedirs(args.out, exist_ok=True)
     if args.bulk:

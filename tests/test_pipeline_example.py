@@ -18,12 +18,16 @@ def load_example():
     return module
 
 
-def test_sample_script_writes_pngs_and_grid(tmp_path):
+def test_sample_script_writes_pngs_and_grid(tmp_path, capsys):
     sample = load_example()
     MultiExpertPipeline(unet=tiny_mixture(2), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "pipe")
     out = tmp_path / "samples"
     argv = ["--model", str(tmp_path / "pipe"), "--num_images", "3", "--batch_size", "2", "--steps", "2"]
     sample.main(sample.parse_args([*argv, "--scheduler", "dpmpp", "--out", str(out)]))
+    # the split preview: denoiser calls per expert under the chosen scheduler, before sampling
+    assert "denoiser calls per expert (DPMSolverMultistepScheduler, 2 steps): expert 0 [0, 500): 1, expert 1 " in (
+        capsys.readouterr().out
+    )
     # the folder holds the samples only (evaluate.py --samples reads it); the grid sits next to it
     assert sorted(os.listdir(out)) == ["000000.png", "000001.png", "000002.png"]
     assert (tmp_path / "samples_grid.png").is_file()

@@ -500,6 +500,8 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
         ):
             raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
         preview = copy.deepcopy(scheduler)
+        if "mixture" in inspect.signature(preview.set_timesteps).parameters:  # a BlendedScheduler aligns to us
+            set_timesteps_kwargs.setdefault("mixture", self)
         preview.set_timesteps(num_inference_steps, device="cpu", **set_timesteps_kwargs)
         counts = [0] * self.num_experts
         for timestep in preview.timesteps:
