@@ -75,13 +75,38 @@ def _module_layout(module: nn.Module) -> tuple:
     return (type(module), tuple((name, tuple(p.shape)) for name, p in module.named_parameters()))
 
 
+def _shared_submodule(name: str, values: list):
+    """A submodule all experts have with one structure (`mid_block`, `add_embedding`, ...): expert 0's, which
+    pipelines may read (e.g. SDXL's `unet.add_embedding.linear_1.in_features`); `None` if it is `None` in all."""
+    if all(value is None for value in values):
+        return None
+    if all(isinstance(value, nn.Module) for value in values):
+        layouts = [_module_layout(value) for value in values]
+        if all(layout == layouts[0] for layout in layouts):
+            return values[0]
+        raise ExpertsDisagreeError(
+            f"`{name}` differs between the experts (classes or parameter shapes), so the mixture has no single "
+            f"`{name}`: {[type(value).__name__ for value in values]}."
+        )
+    raise AttributeError(
+        f"'ExpertMixtureUNet' object has no attribute {name!r} (the mixture passes through only submodules that "
+        f"all experts share; read `mixture.experts[k].{name}`)."
+    )
+
+
 class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
     r"""
     A mixture of N expert denoisers routed by timestep: expert `k` owns the training timesteps
     `[b_k, b_{k+1})` (`b_0 = 0`, `b_N = T`; expert 0 is the lowest-noise expert; a timestep on a boundary belongs to
-    the upper expert) and the output is `sum_k w_k(t) * expert_k(x_t, t)`. It calls like a [`~diffusers.UNet2DModel`]
-    (same `forward`, `config.sample_size`, `config.in_channels`, `config.out_channels`, `dtype`, `device`), so it
-    drops into diffusers pipelines and training loops. Experts may differ in size and architecture.
+    the upper expert) and the output is `sum_k w_k(t) * expert_k(x_t, t, ...)`. The experts can be any diffusers
+    denoiser (`UNet2DModel`, [`IUNet2DModel`], `UNet2DConditionModel`, DiT/SD3/Wan transformers, ...) with one call
+    signature; they may differ in size and architecture. The mixture calls like them (their `forward` arguments, every
+    conditioning argument passed through, their output class), and its config holds every config key they share
+    (`in_channels`, `sample_size`, `time_cond_proj_dim`, `patch_size`, ...), so it drops into diffusers pipelines
+    (`StableDiffusionPipeline(unet=mixture)`, `WanPipeline(transformer=mixture)`, ...) and training loops.
+
+    Routing is in the units of the `timestep` the experts are conditioned on: integer training timesteps for
+    DDPM-family models, `sigma * 1000` for flow-matching transformers (SD3, Wan); `T = num_train_timesteps`.
 
     Build it with [`ExpertMixtureUNet.from_experts`] or [`ExpertMixtureUNet.from_pretrained`]. Routing (boundaries and
     blend schedule) lives only here, in the config (learned parameters in the state dict): trainers, pipelines and
@@ -334,33 +359,14 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
-        except AttributeError:
+        except AttributeError as error:
             experts = self.__dict__.get("_modules", {}).get("experts")
             if name.startswith("_") or experts is None:
                 raise
-            return self._expert_attribute(experts, name)
-
-    @staticmethod
-    def _expert_attribute(experts: nn.ModuleList, name: str):
-        """A submodule all experts have with one structure (`mid_block`, `add_embedding`, ...): expert 0's, which
-        pipelines may read (e.g. SDXL's `unet.add_embedding.linear_1.in_features`); `None` if it is `None` in all."""
-        values = [getattr(expert, name, AttributeError) for expert in experts]
-        if all(value is AttributeError for value in values):
-            raise AttributeError(f"'ExpertMixtureUNet' object and its experts have no attribute {name!r}")
-        if all(value is None for value in values):
-            return None
-        if all(isinstance(value, nn.Module) for value in values):
-            layouts = [_module_layout(value) for value in values]
-            if all(layout == layouts[0] for layout in layouts):
-                return values[0]
-            raise ExpertsDisagreeError(
-                f"`{name}` differs between the experts (classes or parameter shapes), so the mixture has no single "
-                f"`{name}`: {[type(value).__name__ for value in values]}."
-            )
-        raise AttributeError(
-            f"'ExpertMixtureUNet' object has no attribute {name!r} (the mixture passes through only submodules that "
-            f"all experts share; read `mixture.experts[k].{name}`)."
-        )
+            values = [getattr(expert, name, AttributeError) for expert in experts]
+            if all(value is AttributeError for value in values):
+                raise error  # nn.Module's own message: "'ExpertMixtureUNet' object has no attribute ..."
+            return _shared_submodule(name, values)
 
     @property
     def call_parameters(self) -> tuple[str, ...]:
