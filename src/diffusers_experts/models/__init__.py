@@ -1,6 +1,6 @@
 from ..loading import register_expert_class, resolve_expert_class
 from .conversion import mixture_from_wan, mixture_from_wan_pipeline, wan_components
-from .expert_adapters import set_expert_adapters
+from .expert_adapters import add_expert_adapter, expert_adapter_names, set_expert_adapters
 from .expert_calls import ExpertsDisagreeError
 from .expert_mixture import ExpertMixtureUNet
 from .iformer import IFormerBlock
@@ -9,6 +9,8 @@ from .lora_expert import LoRAExpert
 
 
 __all__ = [
+    "add_expert_adapter",
+    "expert_adapter_names",
     "ExpertMixtureUNet",
     "ExpertsDisagreeError",
     "IFormerBlock",

@@ -26,6 +26,8 @@ from ..schedulers.scheduling_blended import BlendedScheduler
 
 
 INTERMEDIATES = ("memory", "disk")
+# The text conditioning of `__call__` that `generate_many` takes too (text-conditional experts).
+TEXT_ARGUMENTS = ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "num_images_per_prompt")
 IMAGE_NAME = "{:06d}.png"
 INTERMEDIATES_FOLDER = ".intermediates"
 
@@ -77,6 +79,8 @@ class BatchRun:
     latents: torch.Tensor | None  # None while parked on disk
     class_labels: torch.Tensor | None
     extra_step_kwargs: dict
+    prompt_embeds: torch.Tensor | None = None  # the batch's text embeddings (text-conditional experts)
+    negative_prompt_embeds: torch.Tensor | None = None
 
 
 def generate_many(
@@ -96,8 +100,19 @@ def generate_many(
     num_inference_steps = call_kwargs.get("num_inference_steps", 50)
     guidance_scale = call_kwargs.get("guidance_scale", 1.0)
     denoising_end = call_kwargs.get("denoising_end")
+    text = {name: call_kwargs[name] for name in TEXT_ARGUMENTS if name in call_kwargs}
+    _check_prompt_count(pipe, num_images, text)
     pipe.check_inputs(
-        num_images, num_inference_steps, None, class_labels, guidance_scale, None, None, denoising_end, output_type
+        num_images,
+        num_inference_steps,
+        None,
+        class_labels,
+        guidance_scale,
+        None,
+        None,
+        denoising_end,
+        output_type,
+        **text,
     )
 
     # 2. What is left to do: finished PNGs in `output_dir` are kept (resume)
@@ -111,6 +126,17 @@ def generate_many(
     device = pipe._run_device
     guidance_scales = pipe._guidance_scales(guidance_scale)
     labels = pipe._class_labels(class_labels, num_images, device)
+    embeds = negative_embeds = None
+    if pipe._text_conditional:
+        embeds, negative_embeds = pipe.encode_prompt(
+            text.get("prompt"),
+            device,
+            text.get("num_images_per_prompt", 1),
+            bool((guidance_scales != 1).any()),
+            text.get("negative_prompt"),
+            text.get("prompt_embeds"),
+            text.get("negative_prompt_embeds"),
+        )
     timesteps, _ = pipe.prepare_timesteps(num_inference_steps, device, None, denoising_end)
     batches = []
     for start in range(0, len(todo), batch_size):
@@ -122,6 +148,8 @@ def generate_many(
             latents=pipe.prepare_latents(len(indices), generators, None, device),
             class_labels=None if labels is None else labels[indices],
             extra_step_kwargs=pipe.prepare_extra_step_kwargs(generators, call_kwargs.get("eta", 0.0)),
+            prompt_embeds=None if embeds is None else embeds[indices],
+            negative_prompt_embeds=None if negative_embeds is None else negative_embeds[indices],
         )
         batches.append(batch)
 
@@ -138,7 +166,14 @@ def generate_many(
                 for t, experts in zip(timesteps[first:stop], schedule[first:stop]):
                     scheduler = batch.scheduler
                     noise_pred = pipe._predict_noise(
-                        scheduler, batch.latents, t, batch.class_labels, experts, guidance_scales
+                        scheduler,
+                        batch.latents,
+                        t,
+                        batch.class_labels,
+                        experts,
+                        guidance_scales,
+                        batch.prompt_embeds,
+                        batch.negative_prompt_embeds,
                     )
                     batch.latents = scheduler.step(noise_pred, t, batch.latents, **batch.extra_step_kwargs).prev_sample
                     progress_bar.update()
@@ -178,12 +213,32 @@ def _check_bulk_inputs(num_images, batch_size, seed, output_dir, intermediates, 
     reserved = sorted({"generator", "latents", "batch_size", "return_dict", "callback_on_step_end"} & set(call_kwargs))
     if reserved:
         raise TypeError(f"generate_many sets {reserved} itself; remove them from the arguments.")
-    allowed = {"num_inference_steps", "guidance_scale", "eta", "denoising_start", "denoising_end"}
+    allowed = {"num_inference_steps", "guidance_scale", "eta", "denoising_start", "denoising_end", *TEXT_ARGUMENTS}
     unknown = sorted(set(call_kwargs) - allowed)
     if unknown:
         raise TypeError(f"Unknown argument(s) {unknown} for generate_many; valid: {sorted(allowed)}.")
     if call_kwargs.get("denoising_start") is not None:
         raise ValueError("`denoising_start` needs handed-over latents; generate_many starts from noise.")
+
+
+def _check_prompt_count(pipe, num_images: int, text: dict) -> None:
+    """With prompts, `num_images` must be the number of prompts times `num_images_per_prompt`."""
+    prompt, embeds = text.get("prompt"), text.get("prompt_embeds")
+    per_prompt = text.get("num_images_per_prompt", 1)
+    countable = isinstance(prompt, (str, list)) or (prompt is None and torch.is_tensor(embeds) and embeds.ndim == 3)
+    if (
+        not countable
+        or (prompt is not None and embeds is not None)
+        or not isinstance(per_prompt, int)
+        or per_prompt < 1
+    ):
+        return  # nothing to count, or malformed: `check_inputs` names the argument
+    expected = pipe._num_images(None, prompt, embeds, per_prompt)
+    if expected != num_images:
+        raise ValueError(
+            f"`num_images`={num_images} does not match the prompts: {expected // per_prompt} prompt(s) x "
+            f"num_images_per_prompt={per_prompt} = {expected} images."
+        )
 
 
 def _segments(schedule: list[list[int]]) -> list[tuple[int, int]]:
