@@ -11,6 +11,8 @@ from .models import (
     IFormerBlock,
     IUNet2DModel,
     LoRAExpert,
+    add_expert_adapter,
+    expert_adapter_names,
     meme_expert_config,
     meme_high_ratios,
     mixture_from_wan,
@@ -35,6 +37,7 @@ install_variant_lookup()  # DiffusionPipeline.from_pretrained(..., variant=...) 
 
 
 __all__ = [
+    "add_expert_adapter",
     "BlendedScheduler",
     "ExpertMixtureUNet",
     "ExpertsDisagreeError",
@@ -43,6 +46,7 @@ __all__ = [
     "LoRAExpert",
     "boundary_from_denoising_end",
     "default_expertization_probs",
+    "expert_adapter_names",
     "load_expert",
     "meme_expert_config",
     "meme_high_ratios",
