@@ -1,9 +1,10 @@
 """ExpertMixtureUNet as a drop-in denoiser of diffusers' own conditional pipelines: SD, SDXL, DiT and Wan.
 
-Every component is tiny and random, built here (no download, no tokenizer: the pipelines get `prompt_embeds`). Each
-pipeline is checked for: a one-expert mixture bit-identical to its expert; hard routing sending every denoiser call to
-the owner of its timestep (classifier-free guidance on); a linear blend of identical experts equal to one expert;
-mixed-timestep batches split row by row with their conditioning; the config keys pipelines read; save/load.
+Every component is tiny and random, built in-process by tests/conftest.py (no download, no tokenizer: the pipelines
+get `prompt_embeds`). Each pipeline is checked for: a one-expert mixture bit-identical to its expert; hard routing
+sending every denoiser call to the owner of its timestep (classifier-free guidance on); a linear blend of identical
+experts equal to one expert; mixed-timestep batches split row by row with their conditioning; the config keys pipelines
+read; save/load.
 """
 
 from __future__ import annotations
@@ -19,20 +20,16 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
-    AutoencoderKLWan,
     DDIMScheduler,
     DiTPipeline,
-    DiTTransformer2DModel,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
-    UNet2DConditionModel,
     WanPipeline,
-    WanTransformer3DModel,
 )
 
+from conftest import tiny_dit, tiny_text_unet, tiny_vae, tiny_wan_transformer, tiny_wan_vae
 from diffusers_experts import ExpertMixtureUNet
 from diffusers_experts.models.expert_calls import ExpertsDisagreeError
 
@@ -48,26 +45,9 @@ STEPS = 4
 # ---------------------------------------------------------------------------------------------- tiny components
 
 
-def sd_unet(seed: int, block_out_channels=(8, 16), **overrides) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    config = dict(
-        block_out_channels=block_out_channels,
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16,
-        norm_num_groups=4,
-        attention_head_dim=4,
-    )
-    return UNet2DConditionModel(**{**config, **overrides}).eval()
-
-
-def sdxl_unet(seed: int, addition_time_embed_dim: int = 4) -> UNet2DConditionModel:
+def sdxl_unet(seed: int, addition_time_embed_dim: int = 4):
     # the pipeline checks `addition_time_embed_dim * 6 + pooled dim == add_embedding.linear_1.in_features`
-    return sd_unet(
+    return tiny_text_unet(
         seed,
         addition_embed_type="text_time",
         addition_time_embed_dim=addition_time_embed_dim,
@@ -75,61 +55,20 @@ def sdxl_unet(seed: int, addition_time_embed_dim: int = 4) -> UNet2DConditionMod
     )
 
 
-def dit_transformer(seed: int) -> DiTTransformer2DModel:
-    torch.manual_seed(seed)
-    return DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=8,  # learned sigma, as DiT-XL: the pipeline keeps the first half
-        num_layers=1,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=1000,  # the pipeline's null class for guidance is 1000
-    ).eval()
-
-
-def wan_transformer(seed: int, patch_size=(1, 2, 2)) -> WanTransformer3DModel:
-    torch.manual_seed(seed)
-    return WanTransformer3DModel(  # diffusers' own dummy Wan transformer (tests/pipelines/wan/test_wan.py)
-        patch_size=patch_size,
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
-
-
-def tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(8,),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=8,
-    ).eval()
-
-
-def tiny_wan_vae() -> AutoencoderKLWan:
-    torch.manual_seed(0)
-    return AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    ).eval()
-
-
 def embeddings(seed: int, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def sd_call_kwargs(**extra) -> dict:
+    """SD's (and, with `extra` pooled embeddings, SDXL's) call: 16-wide embeddings of 5 tokens, 8 x 8 images."""
+    return dict(
+        prompt_embeds=embeddings(1, 1, 5, 16),
+        negative_prompt_embeds=embeddings(2, 1, 5, 16),
+        height=8,
+        width=8,
+        output_type="np",
+        **extra,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- one case per pipeline
@@ -178,13 +117,7 @@ def _sd_case() -> Case:
             feature_extractor=None,
             requires_safety_checker=False,
         ),
-        call_kwargs=dict(
-            prompt_embeds=embeddings(1, 1, 5, 16),
-            negative_prompt_embeds=embeddings(2, 1, 5, 16),
-            height=8,
-            width=8,
-            output_type="np",
-        ),
+        call_kwargs=sd_call_kwargs(),
         boundaries=[251, 501],  # two scheduler timesteps lie exactly on a boundary: they go to the upper expert
         batched_guidance=True,
         direct_inputs=lambda b: dict(sample=embeddings(3, b, 4, 8, 8), encoder_hidden_states=embeddings(4, b, 5, 16)),
@@ -192,7 +125,7 @@ def _sd_case() -> Case:
             time_cond_proj_dim=None, cross_attention_dim=16, in_channels=4, sample_size=8, layers_per_block=1
         ),
         # experts differ in seed and in architecture (expert 2 is wider)
-        experts=[sd_unet(0), sd_unet(1), sd_unet(2, block_out_channels=(16, 16))],
+        experts=[tiny_text_unet(0), tiny_text_unet(1), tiny_text_unet(2, block_out_channels=(16, 16))],
     )
 
 
@@ -216,14 +149,8 @@ def _sdxl_case() -> Case:
             ),
             add_watermarker=False,
         ),
-        call_kwargs=dict(
-            prompt_embeds=embeddings(1, 1, 5, 16),
-            negative_prompt_embeds=embeddings(2, 1, 5, 16),
-            pooled_prompt_embeds=embeddings(3, 1, 16),
-            negative_pooled_prompt_embeds=embeddings(4, 1, 16),
-            height=8,
-            width=8,
-            output_type="np",
+        call_kwargs=sd_call_kwargs(
+            pooled_prompt_embeds=embeddings(3, 1, 16), negative_pooled_prompt_embeds=embeddings(4, 1, 16)
         ),
         boundaries=[251.0, 700.0],
         batched_guidance=True,
@@ -243,7 +170,7 @@ def _sdxl_case() -> Case:
             cross_attention_dim=16,
             sample_size=8,
         ),
-        experts=[sdxl_unet(0), sdxl_unet(1), sdxl_unet(2)],
+        experts=[sdxl_unet(k) for k in range(3)],
     )
 
 
@@ -260,7 +187,7 @@ def _dit_case() -> Case:
             hidden_states=embeddings(3, b, 4, 8, 8), class_labels=torch.tensor([3, 7, 1000, 5, 2, 9])[:b]
         ),
         shared_keys=dict(patch_size=2, sample_size=8, in_channels=4, out_channels=8, num_embeds_ada_norm=1000),
-        experts=[dit_transformer(0), dit_transformer(1), dit_transformer(2)],
+        experts=[tiny_dit(k) for k in range(3)],
     )
 
 
@@ -291,7 +218,7 @@ def _wan_case() -> Case:
             hidden_states=embeddings(3, b, 16, 2, 2, 2), encoder_hidden_states=embeddings(4, b, 6, 32)
         ),
         shared_keys=dict(patch_size=[1, 2, 2], in_channels=16, out_channels=16, text_dim=32, num_attention_heads=2),
-        experts=[wan_transformer(0), wan_transformer(1), wan_transformer(2)],
+        experts=[tiny_wan_transformer(k) for k in range(3)],
     )
 
 
@@ -591,9 +518,9 @@ def test_key_the_experts_disagree_on_raises_naming_it(cases, hard_mixtures):
 @pytest.mark.parametrize(
     "name, experts, key",
     [
-        ("sd", lambda: [sd_unet(0), sd_unet(1, time_cond_proj_dim=8)], "time_cond_proj_dim"),
+        ("sd", lambda: [tiny_text_unet(0), tiny_text_unet(1, time_cond_proj_dim=8)], "time_cond_proj_dim"),
         ("sdxl", lambda: [sdxl_unet(0), sdxl_unet(1, addition_time_embed_dim=8)], "addition_time_embed_dim"),
-        ("wan", lambda: [wan_transformer(0), wan_transformer(1, patch_size=(1, 1, 1))], "patch_size"),
+        ("wan", lambda: [tiny_wan_transformer(0), tiny_wan_transformer(1, patch_size=(1, 1, 1))], "patch_size"),
     ],
 )
 @torch.no_grad()

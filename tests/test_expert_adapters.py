@@ -4,34 +4,22 @@ import copy
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from conftest import tiny_unet
+from conftest import tiny_text_unet, tiny_unet
 from diffusers_experts import ExpertMixtureUNet
 from diffusers_experts.models.expert_adapters import add_expert_adapter, expert_adapter_names, set_expert_adapters
 
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+EMBED_DIM = 12  # the width of INPUTS' encoder_hidden_states
 # peft warns when a second adapter is added to a model: that is the point here
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
 
 
 def text_unet(seed: int):
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    ).eval()
+    return tiny_text_unet(seed, cross_attention_dim=EMBED_DIM)
 
 
 def lora(seed: int, rank: int = 4) -> LoraConfig:
@@ -41,7 +29,7 @@ def lora(seed: int, rank: int = 4) -> LoraConfig:
 
 INPUTS = dict(
     sample=torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0)),
-    encoder_hidden_states=torch.randn((2, 5, 12), generator=torch.Generator().manual_seed(1)),
+    encoder_hidden_states=torch.randn((2, 5, EMBED_DIM), generator=torch.Generator().manual_seed(1)),
 )
 
 

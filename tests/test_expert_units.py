@@ -11,19 +11,17 @@
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKLWan,
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     HeunDiscreteScheduler,
-    UNet2DModel,
     UniPCMultistepScheduler,
     WanPipeline,
-    WanTransformer3DModel,
 )
 
+from conftest import tiny_unet, tiny_wan_transformer, tiny_wan_vae
 from diffusers_experts import (
     ExpertMixtureUNet,
     MultiExpertPipeline,
@@ -39,23 +37,9 @@ from diffusers_experts.routing import expert_index
 # ---------------------------------------------------------------------------------------------------- units
 
 
-def _tiny_unet(seed: int) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
-
-
 def test_sigma_and_snr_boundaries_follow_the_ddpm_schedule():
     scheduler = DDPMScheduler()
-    experts = [_tiny_unet(0), _tiny_unet(1), _tiny_unet(2)]
+    experts = [tiny_unet(0), tiny_unet(1), tiny_unet(2)]
     sigmas = [0.5, 4.0]
     by_sigma = ExpertMixtureUNet.from_experts(experts, sigmas, boundary_units="sigma", scheduler=scheduler)
     expected = [timestep_from_sigma(s, scheduler.alphas_cumprod) for s in sigmas]
@@ -73,7 +57,7 @@ def test_sigma_and_snr_boundaries_follow_the_ddpm_schedule():
 
 
 def test_sigma_and_snr_boundaries_follow_a_flow_matching_schedule():
-    experts = [_tiny_unet(0), _tiny_unet(1)]
+    experts = [tiny_unet(0), tiny_unet(1)]
     for scheduler in (
         FlowMatchEulerDiscreteScheduler(shift=3.0),
         UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
@@ -86,7 +70,7 @@ def test_sigma_and_snr_boundaries_follow_a_flow_matching_schedule():
 
 
 def test_noise_level_boundaries_need_a_schedule_and_valid_values():
-    experts = [_tiny_unet(0), _tiny_unet(1)]
+    experts = [tiny_unet(0), tiny_unet(1)]
     with pytest.raises(ValueError, match="`boundary_units`='sigma' needs `scheduler=`"):
         ExpertMixtureUNet.from_experts(experts, [0.5], boundary_units="sigma")
     with pytest.raises(ValueError, match="flow-matching sigma lies in"):
@@ -105,7 +89,7 @@ def test_sdxl_and_wan_split_conventions_are_opposite():
     assert boundary_from_denoising_end(0.8) == 200.0
     assert boundary_from_denoising_end(0.8, num_train_timesteps=1000) == round(1000 - 0.8 * 1000)
     # Wan: boundary_ratio = fraction of T; the high-noise transformer runs while t >= boundary_ratio * T
-    mixture = mixture_from_wan(_tiny_unet(0), _tiny_unet(1), boundary_ratio=0.875)
+    mixture = mixture_from_wan(tiny_unet(0), tiny_unet(1), boundary_ratio=0.875)
     assert mixture.config.boundaries == [875.0]
     with pytest.raises(ValueError, match="`denoising_end` must lie in"):
         boundary_from_denoising_end(1.2)
@@ -141,7 +125,7 @@ DDPM_FAMILY = {
 @pytest.mark.parametrize("routing", ["hard", "linear"])
 @pytest.mark.parametrize("name", sorted(DDPM_FAMILY))
 def test_steps_per_expert_matches_the_experts_called(name, routing):
-    experts = [_tiny_unet(k) for k in range(4)]
+    experts = [tiny_unet(k) for k in range(4)]
     kwargs = {"blend_width": 100.0} if routing == "linear" else {}
     mixture = ExpertMixtureUNet.from_experts(experts, boundaries=[120, 400, 730], routing=routing, **kwargs)
     scheduler = DDPM_FAMILY[name]()
@@ -160,7 +144,7 @@ def test_steps_per_expert_matches_the_experts_called(name, routing):
 
 
 def test_steps_per_expert_rejects_bad_step_counts():
-    mixture = ExpertMixtureUNet.from_experts([_tiny_unet(0), _tiny_unet(1)])
+    mixture = ExpertMixtureUNet.from_experts([tiny_unet(0), tiny_unet(1)])
     with pytest.raises(ValueError, match="`num_inference_steps` must be a positive integer"):
         mixture.steps_per_expert(DDIMScheduler(), 0)
 
@@ -168,30 +152,9 @@ def test_steps_per_expert_rejects_bad_step_counts():
 # ---------------------------------------------------------------------------------------------------- Wan 2.2
 
 
-def _tiny_wan_transformer(seed: int) -> WanTransformer3DModel:
-    torch.manual_seed(seed)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=32,
-        ffn_dim=32,
-        num_layers=1,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
-
-
 @pytest.fixture(scope="module")
 def wan_vae():
-    torch.manual_seed(0)
-    return AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    ).eval()
+    return tiny_wan_vae()
 
 
 def _wan_pipeline(vae, scheduler, **denoisers) -> WanPipeline:
@@ -218,7 +181,7 @@ def _wan_video(pipe: WanPipeline, steps: int = 6) -> torch.Tensor:
 
 
 def test_wan_two_expert_pipeline_converts_to_a_bit_identical_mixture(wan_vae):
-    high, low = _tiny_wan_transformer(0), _tiny_wan_transformer(1)
+    high, low = tiny_wan_transformer(0), tiny_wan_transformer(1)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     native = _wan_pipeline(wan_vae, scheduler, transformer=high, transformer_2=low, boundary_ratio=0.875)
     mixture = mixture_from_wan_pipeline(native)
@@ -240,10 +203,10 @@ def test_wan_two_expert_pipeline_converts_to_a_bit_identical_mixture(wan_vae):
 
 def test_wan_converters_refuse_what_wan_cannot_hold():
     with pytest.raises(ValueError, match="`transformer` and `transformer_2` are both required"):
-        mixture_from_wan(_tiny_wan_transformer(0), None, 0.875)
+        mixture_from_wan(tiny_wan_transformer(0), None, 0.875)
     with pytest.raises(ValueError, match="`boundary_ratio` must lie in"):
-        mixture_from_wan(_tiny_wan_transformer(0), _tiny_wan_transformer(1), 875)
-    three = ExpertMixtureUNet.from_experts([_tiny_wan_transformer(k) for k in range(3)])
+        mixture_from_wan(tiny_wan_transformer(0), tiny_wan_transformer(1), 875)
+    three = ExpertMixtureUNet.from_experts([tiny_wan_transformer(k) for k in range(3)])
     with pytest.raises(ValueError, match="Wan 2.2 has two hard-switched experts"):
         wan_components(three)
 
@@ -258,7 +221,7 @@ def test_wan_converters_refuse_what_wan_cannot_hold():
 )
 def test_steps_per_expert_under_flow_shift_matches_wan_calls(wan_vae, scheduler):
     mixture = ExpertMixtureUNet.from_experts(
-        [_tiny_wan_transformer(k) for k in range(3)],
+        [tiny_wan_transformer(k) for k in range(3)],
         boundaries=[0.3, 0.8],
         boundary_units="sigma",
         scheduler=scheduler,

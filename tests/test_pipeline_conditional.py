@@ -4,73 +4,19 @@ import json
 
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DiTTransformer2DModel,
-    PixArtTransformer2DModel,
-    UNet2DConditionModel,
-)
+from diffusers import DDIMScheduler, DDPMScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from conftest import tiny_mixture
+from conftest import tiny_dit, tiny_mixture, tiny_pixart, tiny_text_unet
 from diffusers_experts import ExpertMixtureUNet, MultiExpertPipeline
 
 
 EMBED_DIM = 12
 
 
-def text_unet(seed: int, **overrides):
-    torch.manual_seed(seed)
-    config = dict(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=EMBED_DIM,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
-    return UNet2DConditionModel(**{**config, **overrides}).eval()
-
-
 def text_mixture(num_experts: int = 2, **overrides):
-    return ExpertMixtureUNet.from_experts([text_unet(k, **overrides) for k in range(num_experts)]).eval()
-
-
-def dit(seed: int):
-    torch.manual_seed(seed)
-    # learned sigma (out_channels = 2 x in_channels), 5 classes + DiT's null class 5
-    return DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=4,
-        in_channels=4,
-        out_channels=8,
-        num_layers=1,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=5,
-        norm_num_groups=4,
-    ).eval()
-
-
-def pixart(seed: int):
-    torch.manual_seed(seed)
-    return PixArtTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=4,
-        in_channels=4,
-        out_channels=8,
-        num_layers=1,
-        sample_size=8,
-        patch_size=2,
-        cross_attention_dim=8,
-        caption_channels=EMBED_DIM,
-        norm_num_groups=4,
-    ).eval()
+    experts = [tiny_text_unet(k, cross_attention_dim=EMBED_DIM, **overrides) for k in range(num_experts)]
+    return ExpertMixtureUNet.from_experts(experts).eval()
 
 
 def make_pipe(mixture, scheduler=None, **components):
@@ -85,6 +31,26 @@ def embeddings(num_prompts: int, seed: int, length: int = 5) -> torch.Tensor:
 
 def owner(mixture, t) -> int:
     return sum(float(t) >= b - 1e-4 for b in mixture.config.boundaries)
+
+
+@torch.no_grad()
+def guided_by_hand(mixture, num_inference_steps: int, scales, cond: dict, uncond: dict) -> torch.Tensor:
+    """DDIM by hand from the latents of seed 0: at each step the owner expert k predicts with `cond` and, where
+    scales[k] != 1, also with `uncond`, mixed as uncond + scales[k] * (cond - uncond). Only the first 4 channels are
+    the noise (DiT's learned sigma adds 4 more)."""
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(num_inference_steps)
+    x = torch.randn((2, 4, 8, 8), generator=torch.manual_seed(0))
+    for t in scheduler.timesteps:
+        k = owner(mixture, t)
+        expert = mixture.experts[k]
+        timestep = t.expand(len(x))  # one per sample: DiT takes no scalar timestep
+        eps = expert(x, timestep, **cond).sample[:, :4]
+        if scales[k] != 1.0:
+            uncond_eps = expert(x, timestep, **uncond).sample[:, :4]
+            eps = uncond_eps + scales[k] * (eps - uncond_eps)
+        x = scheduler.step(eps, t, x).prev_sample
+    return x
 
 
 def record_batches(mixture):
@@ -154,19 +120,7 @@ def test_prompt_embeds_with_per_expert_guidance_equal_a_manual_loop():
         output_type="latent",
     ).images
     calls = list(calls)
-
-    scheduler = DDIMScheduler()
-    scheduler.set_timesteps(6)
-    x = torch.randn((2, 4, 8, 8), generator=torch.manual_seed(0))
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            k = owner(mixture, t)
-            expert = mixture.experts[k]
-            eps = expert(x, t, encoder_hidden_states=embeds).sample
-            if scales[k] != 1.0:
-                uncond = expert(x, t, encoder_hidden_states=negative).sample
-                eps = uncond + scales[k] * (eps - uncond)
-            x = scheduler.step(eps, t, x).prev_sample
+    x = guided_by_hand(mixture, 6, scales, dict(encoder_hidden_states=embeds), dict(encoder_hidden_states=negative))
     assert torch.allclose(out, x, atol=1e-4)
     # every expert ran; cond and uncond in one batched call where the expert's scale is != 1
     assert {k for k, _ in calls} == {0, 1, 2}
@@ -262,15 +216,13 @@ def test_text_and_class_conditional_experts_drop_both_conditions_for_guidance():
         guidance_scale=2.0,
         output_type="latent",
     ).images
-    scheduler = DDIMScheduler()
-    scheduler.set_timesteps(2)
-    x = torch.randn((2, 4, 8, 8), generator=torch.manual_seed(0))
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            expert = mixture.experts[owner(mixture, t)]
-            cond = expert(x, t, encoder_hidden_states=embeds, class_labels=labels).sample
-            uncond = expert(x, t, encoder_hidden_states=negative, class_labels=torch.full((2,), 3)).sample
-            x = scheduler.step(uncond + 2.0 * (cond - uncond), t, x).prev_sample
+    x = guided_by_hand(
+        mixture,
+        2,
+        [2.0, 2.0],
+        dict(encoder_hidden_states=embeds, class_labels=labels),
+        dict(encoder_hidden_states=negative, class_labels=torch.full((2,), 3)),
+    )
     assert torch.allclose(out, x, atol=1e-4)
 
 
@@ -278,23 +230,14 @@ def test_text_and_class_conditional_experts_drop_both_conditions_for_guidance():
 
 
 def test_dit_experts_take_hidden_states_class_labels_and_drop_learned_sigma():
-    mixture = ExpertMixtureUNet.from_experts([dit(0), dit(1)]).eval()
+    # learned sigma (out_channels = 2 x in_channels), 5 classes + DiT's null class 5
+    mixture = ExpertMixtureUNet.from_experts([tiny_dit(k, num_embeds_ada_norm=5) for k in range(2)]).eval()
     assert mixture.call_parameters[0] == "hidden_states"
     pipe = make_pipe(mixture)
     labels = torch.tensor([0, 4])
     out = pipe(2, 3, torch.manual_seed(0), class_labels=labels, guidance_scale=[1.0, 4.0], output_type="latent")
-    scheduler = DDIMScheduler()
-    scheduler.set_timesteps(3)
-    x = torch.randn((2, 4, 8, 8), generator=torch.manual_seed(0))
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            k = owner(mixture, t)
-            expert = mixture.experts[k]
-            eps = expert(x, t.expand(2), class_labels=labels).sample[:, :4]
-            if k == 1:  # DiT's null class is num_embeds_ada_norm
-                uncond = expert(x, t.expand(2), class_labels=torch.full((2,), 5)).sample[:, :4]
-                eps = uncond + 4.0 * (eps - uncond)
-            x = scheduler.step(eps, t, x).prev_sample
+    # DiT's null class is num_embeds_ada_norm
+    x = guided_by_hand(mixture, 3, [1.0, 4.0], dict(class_labels=labels), dict(class_labels=torch.full((2,), 5)))
     assert torch.allclose(out.images, x, atol=1e-4)
     # DDPM with a learned variance gets the variance channels
     learned = make_pipe(mixture, DDPMScheduler(variance_type="learned_range"))
@@ -306,7 +249,7 @@ def test_dit_experts_take_hidden_states_class_labels_and_drop_learned_sigma():
 
 
 def test_pixart_experts_take_prompt_embeds_as_encoder_hidden_states():
-    mixture = ExpertMixtureUNet.from_experts([pixart(0), pixart(1)]).eval()
+    mixture = ExpertMixtureUNet.from_experts([tiny_pixart(k, caption_channels=EMBED_DIM) for k in range(2)]).eval()
     pipe = make_pipe(mixture)
     calls = record_batches(mixture)
     images = pipe(
