@@ -7,7 +7,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from conftest import tiny_iunet, tiny_unet
+from conftest import tiny_iunet, tiny_text_unet, tiny_unet, tiny_wan_transformer
 from diffusers_experts import ExpertMixtureUNet
 from diffusers_experts.hub import expert_model_card, mixture_model_card, save_model_cards
 
@@ -133,3 +133,16 @@ def test_pipeline_card_usage_runs_for_a_class_conditional_pipeline(tmp_path):
         namespace,
     )
     assert len(namespace["images"]) == 4
+
+
+def test_cards_of_text_conditional_experts_name_their_task(tmp_path):
+    from diffusers_experts.model_card import pipeline_tag
+
+    wan = ExpertMixtureUNet.from_experts([tiny_wan_transformer(0), tiny_wan_transformer(1)], boundaries=[875])
+    assert pipeline_tag(wan) == "text-to-video"
+    assert pipeline_tag(ExpertMixtureUNet.from_experts([tiny_text_unet(0)])) == "text-to-image"
+    wan.save_pretrained(tmp_path / "wan")
+    save_model_cards(tmp_path / "wan", wan)
+    card = (tmp_path / "wan" / "README.md").read_text()
+    assert "pipeline_tag: text-to-video" in card and "None px" not in card and "Samples: 16 channels" in card
+    assert "pipeline_tag: text-to-video" in (tmp_path / "wan" / "expert_1" / "README.md").read_text()

@@ -240,7 +240,7 @@ def mixture_model_card(model, metadata: Mapping | None = None):
     card_data = ModelCardData(
         library_name="diffusers-experts",
         tags=[*BASE_TAGS, *(meta.get("tags") or [])],
-        pipeline_tag=PIPELINE_TAG,
+        pipeline_tag=pipeline_tag(mixture),
         license=meta.get("license"),
         datasets=meta.get("datasets"),
         base_model=base_models or None,
@@ -294,6 +294,16 @@ def mixture_model_card(model, metadata: Mapping | None = None):
     )
 
 
+def pipeline_tag(mixture) -> str:
+    """The Hub's task of the mixture: text-to-video / text-to-image for text-conditional experts (those that take
+    `encoder_hidden_states`; video when their patches are 3-D, as Wan's), unconditional image generation otherwise
+    (class-conditional included: the Hub has no class-conditional task)."""
+    if "encoder_hidden_states" not in mixture.call_parameters:
+        return PIPELINE_TAG
+    patch_size = mixture.experts[0].config.get("patch_size")
+    return "text-to-video" if isinstance(patch_size, (list, tuple)) and len(patch_size) == 3 else "text-to-image"
+
+
 def expert_model_card(
     mixture, k: int, metadata: Mapping | None = None, expert_repo_id: str | None = None, subfolder: str | None = None
 ):
@@ -324,7 +334,7 @@ def expert_model_card(
     card_data = ModelCardData(
         library_name=_library_name([class_name]),
         tags=[*BASE_TAGS, *(meta.get("tags") or [])],
-        pipeline_tag=PIPELINE_TAG,
+        pipeline_tag=pipeline_tag(mixture),
         license=meta.get("license"),
         datasets=meta.get("datasets"),
         base_model=base_model or None,
