@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from conftest import tiny_iunet, tiny_mixture, tiny_unet
+from conftest import tiny_iunet, tiny_mixture, tiny_text_unet, tiny_unet
 from diffusers_experts import ExpertMixtureUNet, IUNet2DModel, register_expert_class
 
 
@@ -455,3 +455,17 @@ def test_half_precision_keeps_the_routing_logits_in_float32_and_runs_in_pipeline
 def test_save_pretrained_names_unknown_arguments(tmp_path):
     with pytest.raises(TypeError, match=r"Unknown argument\(s\) \['shard_size'\].*repo_id"):
         tiny_mixture(2).save_pretrained(tmp_path, shard_size="1MB")
+
+
+def test_experts_must_share_one_call_signature_and_calls_are_checked_against_it():
+    with pytest.raises(TypeError, match=r"one call signature: expert 0 \(UNet2DModel\) takes \['sample', 'timestep'"):
+        ExpertMixtureUNet.from_experts([tiny_unet(0, in_channels=4, out_channels=4, sample_size=8), tiny_text_unet(0)])
+    mixture = ExpertMixtureUNet.from_experts([tiny_text_unet(0), tiny_text_unet(1)])
+    assert mixture.call_parameters[:3] == ("sample", "timestep", "encoder_hidden_states")
+    sample, text = torch.randn(1, 4, 8, 8), torch.randn(1, 3, 16)
+    with pytest.raises(TypeError, match="missing a required argument: 'encoder_hidden_states'"):
+        mixture(sample, 10)
+    with pytest.raises(TypeError, match="got an unexpected keyword argument 'bogus'"):
+        mixture(sample, 10, text, bogus=1)
+    with pytest.raises(ValueError, match="`timestep` is required"):
+        mixture(sample, None, text)
