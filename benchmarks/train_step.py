@@ -19,6 +19,14 @@ Every measurement alternates its two contenders (A, B, B, A, ...) in one process
 alike, and reports medians; the time-per-MAC ratio is the median over rounds of each round's ratio. On a CPU shared
 with other jobs, `--clock cpu` times this process's CPU time instead of the wall clock (one thread).
 
+With glibc's default malloc, the activations a training step frees are handed back to the OS (the heap is trimmed)
+and the next step page-faults them back in: kernel time of 0 to 5 ms per step on the demo models, varying from run
+to run for the same model and depending on the other contender's allocations in the same heap. `--malloc keep`
+(default) keeps freed memory in the process (`mallopt` `M_TRIM_THRESHOLD` and `M_MMAP_THRESHOLD` at 1 GiB, as the
+environment variables `MALLOC_TRIM_THRESHOLD_` / `MALLOC_MMAP_THRESHOLD_` would at start-up; jemalloc and tcmalloc
+also return freed memory only gradually), so that the times are the models' own computation; `--malloc default`
+leaves glibc as it is. Inference steps do not page-fault either way.
+
     OMP_NUM_THREADS=1 python benchmarks/train_step.py                          # both, CPU, one thread
     OMP_NUM_THREADS=1 python benchmarks/train_step.py --what architecture --resolution 16 --steps 30 --clock cpu
     OMP_NUM_THREADS=1 python benchmarks/train_step.py --what architecture --widths 64 128 256   # wider models
@@ -26,6 +34,8 @@ with other jobs, `--clock cpu` times this process's CPU time instead of the wall
 """
 
 import argparse
+import ctypes
+import ctypes.util
 import importlib.util
 import json
 import os
@@ -72,7 +82,27 @@ def parse_args():
         default="wall",
         help="wall: wall-clock time; cpu: this process's CPU time, robust to other jobs on the machine (one thread).",
     )
+    parser.add_argument(
+        "--malloc",
+        choices=("keep", "default"),
+        default="keep",
+        help="keep: glibc malloc keeps freed memory (no page faults from heap trimming between steps); "
+        "default: glibc's own thresholds. See the module docstring.",
+    )
     return parser.parse_args()
+
+
+def keep_freed_memory() -> bool:
+    """Stop glibc's malloc from returning freed memory to the OS (see the module docstring); False where there is no
+    glibc `mallopt` or it refuses."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # glibc before 2.35 caps the mmap threshold at 32 MiB on 64-bit systems
+    mmap_ok = mallopt(m_mmap_threshold, 1 << 30) or mallopt(m_mmap_threshold, 32 << 20)
+    return bool(mmap_ok and mallopt(m_trim_threshold, 1 << 30))
 
 
 def sync(device: str) -> None:
@@ -156,7 +186,7 @@ def overhead(args):
 
     times = interleaved_medians({"plain": plain_step, "meme": meme_step}, args.steps, args.device, args.clock)
     print(
-        f"[overhead] device {args.device}, threads {torch.get_num_threads()}, {args.clock} clock, "
+        f"[overhead] device {args.device}, threads {torch.get_num_threads()}, {args.clock} clock, malloc {args.malloc}, "
         f"batch {args.batch_size}x3x{args.resolution}^2, UNet2DModel {count_parameters(model) / 1e6:.2f}M params, "
         f"{args.steps} steps each"
     )
@@ -218,7 +248,7 @@ def architecture(args):
         return step
 
     print(
-        f"[architecture] device {args.device}, threads {torch.get_num_threads()}, {args.clock} clock, "
+        f"[architecture] device {args.device}, threads {torch.get_num_threads()}, {args.clock} clock, malloc {args.malloc}, "
         f"batch {args.batch_size}x3x{args.resolution}^2, {args.steps} steps each, iU-Net = expert {args.expert} of 4 "
         f"from {os.path.relpath(args.model_config, ROOT)}, widths {tuple(models['iunet'].config.block_out_channels)}"
     )
@@ -239,6 +269,8 @@ def architecture(args):
 
 
 def main(args):
+    if args.malloc == "keep" and not keep_freed_memory():
+        args.malloc = "default (glibc mallopt unavailable)"
     if args.what in ("overhead", "both"):
         overhead(args)
     if args.what in ("architecture", "both"):

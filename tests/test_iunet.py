@@ -16,6 +16,7 @@ from diffusers_experts.models.iformer import (
     AttentionBlock2D,
     IFormerBlock,
     MultiHeadSelfAttention2D,
+    _max_pool_proj,
     attention_heads,
     max_pool_3x3,
     split_channels,
@@ -369,7 +370,13 @@ def test_iformer_block_computes_the_papers_equations(channels, size, ratio, pool
     torch.manual_seed(0)
     block = IFormerBlock(channels, 32, ratio, attention_head_dim=8, pool_size=pool, norm_num_groups=8).double()
     x, temb = torch.randn(2, channels, size, size, dtype=torch.double), torch.randn(2, 32, dtype=torch.double)
-    torch.testing.assert_close(block(x, temb), _reference_iformer(block, x, temb))
+    expected = _reference_iformer(block, x, temb)
+    torch.testing.assert_close(block(x, temb), expected)
+    # without autograd too (the block then sums in place into its own intermediates, never into its input)
+    x_before = x.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, temb), expected)
+    torch.testing.assert_close(x, x_before, rtol=0, atol=0)
     # gradients too (the block runs on channels-last tokens inside)
     x.requires_grad_(True)
     grads = [
@@ -400,3 +407,52 @@ def test_max_pool_without_autograd_equals_torch_max_pool():
     with torch.no_grad():
         torch.testing.assert_close(max_pool_3x3(x), F.max_pool2d(x, 3, 1, 1), rtol=0, atol=0)
     torch.testing.assert_close(max_pool_3x3(x.requires_grad_()), F.max_pool2d(x, 3, 1, 1))
+
+
+def test_max_pool_branch_with_autograd_equals_torch_max_pool_values_and_gradients():
+    """With autograd the max-pool branch pools with the batch folded into the channels: same values, and the gradient
+    goes to the same (first) maximum of each window, ties included."""
+    torch.manual_seed(0)
+    tokens = torch.randn(3, 7, 6, 16)
+    tokens[0, :3, :3, :] = 0.5  # flat regions: ties in every window
+    tokens[1, 2:5, 1:4, 6] = float("-inf")  # a window of -inf only
+    proj = torch.nn.Linear(5, 5)
+    grad = torch.randn(3, 7, 6, 5)
+    x = tokens.clone().requires_grad_(True)
+    ours = _max_pool_proj(x[..., 4:9], proj)
+    ours.backward(grad)
+    y = tokens.clone().requires_grad_(True)
+    reference = proj(F.max_pool2d(y[..., 4:9].permute(0, 3, 1, 2), 3, 1, 1).permute(0, 2, 3, 1))
+    reference.backward(grad)
+    torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(x.grad, y.grad, rtol=0, atol=0)
+    assert (x.grad[..., :4] == 0).all() and (x.grad[..., 9:] == 0).all()
+
+
+@pytest.mark.parametrize("up_block_types", [None, ("AttnUpBlock2D", "AttnUpBlock2D")])
+def test_memory_formats_change_speed_not_values(up_block_types):
+    """The blocks return channels-last memory where it is faster (attention blocks always, iFormer blocks without
+    autograd); the model's output is NCHW-contiguous and the same with and without autograd."""
+    torch.manual_seed(0)
+    model = IUNet2DModel(
+        sample_size=8,
+        block_out_channels=(16, 32),
+        norm_num_groups=8,
+        attention_head_dim=8,
+        layers_per_block=1,
+        up_block_types=up_block_types,
+    ).eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
+    with torch.no_grad():
+        no_grad = model(x, t).sample
+    with_grad = model(x, t).sample
+    assert no_grad.is_contiguous() and with_grad.is_contiguous()
+    torch.testing.assert_close(no_grad, with_grad.detach())
+
+    channels_last = lambda t: t.is_contiguous(memory_format=torch.channels_last)  # noqa: E731
+    iformer, attention = model.down_layers[1][-1], model.mid_block[1]
+    h, emb = torch.randn(2, 32, 4, 4), torch.randn(2, 64)
+    assert channels_last(attention(h)) and not h.is_contiguous(memory_format=torch.channels_last)
+    assert iformer(h, emb).is_contiguous()
+    with torch.no_grad():
+        assert channels_last(iformer(h, emb))

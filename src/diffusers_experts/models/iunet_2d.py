@@ -433,8 +433,8 @@ class IUNet2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             if i < len(self.upsamplers):
                 hidden_states = self.upsamplers[i](hidden_states)
 
-        # 5. output
-        sample = self.conv_out(self.conv_act(self.conv_norm_out(hidden_states)))
+        # 5. output (NCHW memory, whatever the memory format the blocks left the maps in; see `iformer`)
+        sample = self.conv_out(self.conv_act(self.conv_norm_out(hidden_states))).contiguous()
         if not return_dict:
             return (sample,)
         return UNet2DOutput(sample=sample)
