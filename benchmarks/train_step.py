@@ -48,10 +48,15 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from diffusers_experts import ExpertMixtureUNet, IUNet2DModel, meme_expert_config
 from diffusers_experts.evaluation import count_parameters, measure_macs
+from diffusers_experts.training import make_optimizer
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "examples", "configs", "meme_mnist_demo.json")
+# The trainers' optimizer (`make_optimizer`: fused AdamW where available) with the training scripts' defaults.
+TRAINER_ADAMW = argparse.Namespace(
+    learning_rate=1e-4, adam_beta1=0.95, adam_beta2=0.999, adam_weight_decay=1e-6, adam_epsilon=1e-8
+)
 
 
 def load_train_meme():
@@ -153,7 +158,7 @@ def overhead(args):
     others = [UNet2DModel.from_config(model.config) for _ in range(3)]
     mixture = ExpertMixtureUNet.from_experts([*others[:1], model, *others[1:]])  # the model is expert 1 of 4
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model.parameters(), TRAINER_ADAMW)
     clean = torch.randn(args.batch_size, 3, args.resolution, args.resolution, device=args.device)
     batch = {"pixel_values": clean}
     meme_args = argparse.Namespace(
@@ -225,7 +230,7 @@ def architecture(args):
     noise = torch.randn(shape, generator=generator).to(args.device)
     timesteps = torch.randint(0, 1000, (args.batch_size,), generator=generator).to(args.device)
     macs = {name: measure_macs(m.eval(), sample[:1], timesteps[:1]) for name, m in models.items()}
-    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+    optimizers = {name: make_optimizer(m.parameters(), TRAINER_ADAMW) for name, m in models.items()}
 
     def train_step(name):
         model, optimizer = models[name].train(), optimizers[name]

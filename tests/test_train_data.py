@@ -47,3 +47,25 @@ def test_training_subset_and_heldout_digits_do_not_overlap():
     assert [int(x["class_labels"]) for x in dataset] == labels[:n].tolist()
     held, held_labels = heldout_digits(28, num_train=n, num_heldout=50)
     assert torch.equal(held_labels, labels[n : n + 50])
+
+
+def test_trainers_use_fused_adamw_where_the_parameters_allow_it():
+    import argparse
+
+    from diffusers_experts.training import make_optimizer
+
+    options = argparse.Namespace(
+        learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.0, adam_epsilon=1e-8
+    )
+    weights = torch.nn.Parameter(torch.randn(4, 3))
+    optimizer = make_optimizer([{"params": iter([weights]), "lr": 1e-2}], options)  # groups may hold iterators
+    assert optimizer.defaults["fused"] is True and optimizer.param_groups[0]["lr"] == 1e-2
+    reference = torch.optim.AdamW([weights.detach().clone().requires_grad_()], lr=1e-2, eps=1e-8, weight_decay=0.0)
+    for opt in (optimizer, reference):
+        (param,) = opt.param_groups[0]["params"]
+        param.grad = torch.ones_like(param)
+        opt.step()
+    torch.testing.assert_close(weights, reference.param_groups[0]["params"][0], rtol=0, atol=1e-6)
+    # a parameter without a fused kernel (an integer tensor cannot train; a complex one has no fused AdamW on the CPU)
+    complex_weights = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    assert not make_optimizer([complex_weights], options).defaults["fused"]
