@@ -469,3 +469,32 @@ def test_experts_must_share_one_call_signature_and_calls_are_checked_against_it(
         mixture(sample, 10, text, bogus=1)
     with pytest.raises(ValueError, match="`timestep` is required"):
         mixture(sample, None, text)
+
+
+def test_attention_api_reaches_every_expert_and_layerwise_casting_follows_each_expert():
+    import copy
+
+    from conftest import tiny_wan_transformer
+
+    experts = [tiny_text_unet(0), tiny_text_unet(1)]
+    mixture = ExpertMixtureUNet.from_experts([copy.deepcopy(e) for e in experts], boundaries=[500])
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 16)
+    timesteps = torch.tensor([100, 900])
+    with torch.no_grad():
+        before = mixture(sample, timesteps, text).sample
+        mixture.set_default_attn_processor()  # broadcast to every expert
+        for expert in mixture.experts:
+            assert {type(p).__name__ for p in expert.attn_processors.values()} == {"AttnProcessor"}
+        mixture.set_attention_slice("auto")
+        for expert in mixture.experts:
+            assert {type(p).__name__ for p in expert.attn_processors.values()} == {"SlicedAttnProcessor"}
+        after = mixture(sample, timesteps, text).sample
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    assert mixture.attn_processors.keys() == experts[0].attn_processors.keys()
+    # layerwise casting: each expert keeps in the compute dtype what its own class keeps (Wan's embedder, proj_out)
+    plain, mixed = tiny_wan_transformer(0), ExpertMixtureUNet.from_experts([tiny_wan_transformer(0)])
+    plain.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    mixed.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    expected = {name: p.dtype for name, p in plain.named_parameters()}
+    assert {name: p.dtype for name, p in mixed.experts[0].named_parameters()} == expected
+    assert {torch.float32, torch.float8_e4m3fn} <= set(expected.values())

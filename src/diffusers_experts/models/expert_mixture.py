@@ -94,6 +94,60 @@ def _shared_submodule(name: str, values: list):
     )
 
 
+# Methods pipelines (and users) call on a denoiser to configure its attention or FreeU (diffusers' `AttentionMixin`,
+# `UNet2DConditionModel`): `pipe.enable_attention_slicing()`, `pipe.enable_freeu()`, `pipe.fuse_qkv_projections()`,
+# `unet.set_attn_processor(...)`, `unet.set_default_attn_processor()`. A mixture has one when all its experts do;
+# calling it applies it to every expert, with the same arguments.
+_BROADCAST_METHODS = frozenset(
+    {
+        "set_attn_processor",
+        "set_default_attn_processor",
+        "set_attention_slice",
+        "enable_freeu",
+        "disable_freeu",
+        "fuse_qkv_projections",
+        "unfuse_qkv_projections",
+    }
+)
+
+
+def _broadcast(name: str, methods: list):
+    """One callable that calls `methods` (the same method of every expert) with the same arguments. Dicts are copied
+    per expert: diffusers' `set_attn_processor(dict)` pops the processors it sets from the dict it is given."""
+
+    def call_every_expert(*args, **kwargs):
+        for method in methods:
+            method(
+                *(dict(a) if isinstance(a, dict) else a for a in args),
+                **{key: dict(v) if isinstance(v, dict) else v for key, v in kwargs.items()},
+            )
+
+    call_every_expert.__name__ = call_every_expert.__qualname__ = name
+    call_every_expert.__doc__ = f"`{name}` of every expert, with the same arguments."
+    return call_every_expert
+
+
+def _shared_processors(values: list[dict]) -> dict:
+    """`attn_processors` of the mixture: expert 0's, when all experts have the same attention layers with processors
+    of the same classes (the keys are the experts' own, e.g. `down_blocks.0.attentions.0...processor`)."""
+    layouts = [{key: type(processor) for key, processor in value.items()} for value in values]
+    if all(layout == layouts[0] for layout in layouts):
+        return values[0]
+    raise ExpertsDisagreeError(
+        "`attn_processors` differs between the experts (attention layers or processor classes), so the mixture has no "
+        "single `attn_processors`: read `mixture.experts[k].attn_processors`."
+    )
+
+
+def _union(lists) -> list | None:
+    """The union of class attributes such as `_keep_in_fp32_modules` (lists of name patterns or None), in order."""
+    merged = []
+    for items in lists:
+        items = [items] if isinstance(items, str) else items or ()  # diffusers accepts a bare string too
+        merged.extend(item for item in items if item not in merged)
+    return merged or None
+
+
 class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
     r"""
     A mixture of N expert denoisers routed by timestep: expert `k` owns the training timesteps
@@ -226,6 +280,8 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
         self._call_signature = check_call_signatures(experts)
 
         self.experts = nn.ModuleList(experts)
+        # the modules the experts keep in float32 (diffusers reads this from the instance: `.to(dtype)` warns about them)
+        self._keep_in_fp32_modules = _union(getattr(e, "_keep_in_fp32_modules", None) for e in experts)
         self._boundary_cache: dict[tuple, torch.Tensor] = {}
         if routing == "learned":
             if not (isinstance(num_knots, int) and num_knots >= 2):
@@ -366,7 +422,50 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
             values = [getattr(expert, name, AttributeError) for expert in experts]
             if all(value is AttributeError for value in values):
                 raise error  # nn.Module's own message: "'ExpertMixtureUNet' object has no attribute ..."
+            if name in _BROADCAST_METHODS and all(callable(value) for value in values):
+                return _broadcast(name, values)
+            if name == "attn_processors" and all(isinstance(value, dict) for value in values):
+                return _shared_processors(values)
             return _shared_submodule(name, values)
+
+    def enable_layerwise_casting(
+        self,
+        storage_dtype: torch.dtype = torch.float8_e4m3fn,
+        compute_dtype: torch.dtype | None = None,
+        skip_modules_pattern: tuple[str, ...] | None = None,
+        skip_modules_classes: tuple[type[nn.Module], ...] | None = None,
+        non_blocking: bool = False,
+    ) -> None:
+        """diffusers' layerwise casting, applied by every expert to itself: each keeps the modules its own class keeps
+        in the compute dtype (`_skip_layerwise_casting_patterns`, `_keep_in_fp32_modules`, anchored default patterns
+        such as `^proj_out$`, which would not match the mixture's `experts.k.proj_out`)."""
+        for expert in self.experts:
+            expert.enable_layerwise_casting(
+                storage_dtype=storage_dtype,
+                compute_dtype=compute_dtype,
+                skip_modules_pattern=skip_modules_pattern,
+                skip_modules_classes=skip_modules_classes,
+                non_blocking=non_blocking,
+            )
+
+    def _load_ip_adapter_weights(self, state_dicts, **kwargs) -> None:
+        """diffusers' IP-Adapter loading (`pipeline.load_ip_adapter(...)` calls it on the denoiser): the same adapter
+        is loaded into every expert, and the mixture's config follows the experts' `encoder_hid_dim_type`."""
+        lacking = [k for k, expert in enumerate(self.experts) if not hasattr(expert, "_load_ip_adapter_weights")]
+        if lacking:
+            raise AttributeError(
+                f"Experts {lacking} ({type(self.experts[lacking[0]]).__name__}) cannot load IP-Adapter weights."
+            )
+        for expert in self.experts:
+            expert._load_ip_adapter_weights(state_dicts, **kwargs)
+        if "encoder_hid_dim_type" in self.config:  # UNets: diffusers sets `unet.config.encoder_hid_dim_type`
+            self.register_to_config(encoder_hid_dim_type=self.experts[0].config.encoder_hid_dim_type)
+
+    def _load_ip_adapter_loras(self, state_dicts) -> dict:
+        """The LoRA weights of FaceID IP-Adapters (`pipeline.load_ip_adapter(...)` asks the UNet for them; `{}` for
+        other IP-Adapters), named after expert 0's attention layers, which all experts share. Loading them needs PEFT
+        on the denoiser: a mixture takes LoRAs per expert instead (`set_expert_adapters`)."""
+        return self.experts[0]._load_ip_adapter_loras(state_dicts)
 
     @property
     def call_parameters(self) -> tuple[str, ...]:
