@@ -57,15 +57,19 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) outputs build *.egg-info src/*.egg-info
 
-# diffusers' own DDPM/DDIM pipeline tests and UNet2DModel model tests, run with their UNet2DModel swapped for an
-# ExpertMixtureUNet (1 expert, then 3 identical hard-routed experts) next to a plain baseline: conformance/README.md.
-# Needs diffusers' `tests/` extracted into $(DIFFUSERS_TESTS) (or DIFFUSERS_GIT=<bare diffusers git dir> to extract
-# DIFFUSERS_REV from it). Not part of `make test`: CI has no diffusers checkout.
+# diffusers' own tests, run with their denoiser (UNet2DModel, UNet2DConditionModel, DiT/SD3/Wan transformers) swapped
+# for an ExpertMixtureUNet (1 expert, then 3 identical hard-routed experts) next to a plain baseline:
+# conformance/README.md. CONFORMANCE_SUITE: default (unet + conditional, ~4 min on 2 cores), unet (DDPM/DDIM pipelines,
+# UNet2DModel model tests), conditional (DiT pipeline, UNet2DCondition/DiT/SD3/Wan model tests), text (SD/SDXL/SD3/Wan
+# pipeline fast tests: they need tiny tokenizers from the Hub), all. Needs diffusers' `tests/` extracted into
+# $(DIFFUSERS_TESTS) (or DIFFUSERS_GIT=<bare diffusers git dir> to extract DIFFUSERS_REV from it). Not part of
+# `make test`: CI has no diffusers checkout.
 DIFFUSERS_TESTS ?= /tmp/diffusers-tests
 DIFFUSERS_GIT ?=
 DIFFUSERS_REV ?= HEAD
 CONFORMANCE_MODES ?= 0 1 3
 CONFORMANCE_ROUTING ?= hard
+CONFORMANCE_SUITE ?= default
 CONFORMANCE_TESTS ?=
 CONFORMANCE_DEPS ?= outputs/conformance/deps
 
@@ -76,4 +80,5 @@ conformance: $(STAMP)
 	@test -d "$(DIFFUSERS_TESTS)/tests" || { echo "No diffusers tests in DIFFUSERS_TESTS=$(DIFFUSERS_TESTS): extract them (see conformance/README.md) or set DIFFUSERS_GIT."; exit 2; }
 	test -d $(CONFORMANCE_DEPS)/parameterized || $(BIN)/python -m pip install --no-deps --target $(CONFORMANCE_DEPS) parameterized requests-mock
 	OMP_NUM_THREADS=1 $(BIN)/python conformance/run.py --tests-root "$(DIFFUSERS_TESTS)" --modes $(CONFORMANCE_MODES) \
-		--routing $(CONFORMANCE_ROUTING) --deps $(CONFORMANCE_DEPS) --out outputs/conformance $(CONFORMANCE_TESTS)
+		--routing $(CONFORMANCE_ROUTING) --suite $(CONFORMANCE_SUITE) --deps $(CONFORMANCE_DEPS) --out outputs/conformance \
+		$(CONFORMANCE_TESTS)
