@@ -63,9 +63,6 @@ def _mixture_entries(directory: str | os.PathLike) -> tuple[str, ...]:
     return tuple(name for name in os.listdir(directory) if is_mixture_entry(name))
 
 
-_NO = inspect.Parameter("return_dict", inspect.Parameter.KEYWORD_ONLY, default=True)
-
-
 def _listed(value):
     return list(value) if isinstance(value, tuple) else value
 
@@ -278,6 +275,12 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
             },
         )
         self._call_signature = check_call_signatures(experts)
+        # experts whose classes come from a `num_class_embeds` table (UNets without another `class_embed_type`)
+        self._has_class_table = (
+            "class_labels" in self._call_signature.parameters
+            and "num_class_embeds" in experts[0].config
+            and experts[0].config.get("class_embed_type") is None
+        )
 
         self.experts = nn.ModuleList(experts)
         # the modules the experts keep in float32 (diffusers reads this from the instance: `.to(dtype)` warns about them)
@@ -677,10 +680,7 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
     def _check_class_labels(self, arguments: Mapping) -> None:
         """Class labels of experts with a class table (`num_class_embeds`): required by conditional ones, refused
         by unconditional ones (`UNet2DModel` would ignore them silently)."""
-        if "class_labels" not in self._call_signature.parameters:
-            return
-        expert_config = self.experts[0].config
-        if "num_class_embeds" not in expert_config or expert_config.get("class_embed_type") is not None:
+        if not self._has_class_table:
             return
         class_labels = arguments.get("class_labels")
         if class_labels is not None and self.config.num_class_embeds is None:
@@ -717,7 +717,7 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
         costs one expert call.
         """
         arguments = bind_call(self._call_signature, args, kwargs)
-        sample_name = next(iter(self._call_signature.parameters))
+        sample_name = self.call_parameters[0]
         sample, timestep = arguments.get(sample_name), arguments.get("timestep")
         if not torch.is_tensor(sample):
             raise TypeError(f"`{sample_name}` must be a tensor (the noisy input), got {type(sample).__name__}.")
@@ -742,7 +742,7 @@ class ExpertMixtureUNet(HubPushMixin, ModelMixin, ConfigMixin):
             return self.experts[owner](*args, **kwargs)
 
         # 3. otherwise each active expert on its own samples, weighted sum
-        return_dict = arguments.get("return_dict", self._call_signature.parameters.get("return_dict", _NO).default)
+        return_dict = arguments.get("return_dict", True)  # bound arguments omit defaults (diffusers': True)
         active = weights.detach().gt(0).to(sample.device)
         weights = weights.to(sample.device)
         output = output_class = None
