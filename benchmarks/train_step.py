@@ -15,6 +15,12 @@
    inference call (`torch.no_grad()` forward), batch `--batch_size`. Prints ms / GMAC of each and the ratio
    iU-Net / UNet2DModel (target <= 1.1).
 
+Two options change both sides of the `architecture` comparison or its baseline: `--compile` times both models under
+`torch.compile` (default inductor backend; compilation happens in the untimed warm-up steps and is reported
+separately), and `--unet_fused_qkv` gives the `UNet2DModel` baseline diffusers' fused query/key/value attention
+(`Attention.fuse_projections()` + `FusedAttnProcessor2_0`, same outputs), as the iU-Net's attention blocks always have
+one fused projection: without it the baseline pays for three separate projections and the ratio flatters the iU-Net.
+
 Every measurement alternates its two contenders (A, B, B, A, ...) in one process so that machine load affects both
 alike, and reports medians; the time-per-MAC ratio is the median over rounds of each round's ratio. On a CPU shared
 with other jobs, `--clock cpu` times this process's CPU time instead of the wall clock (one thread).
@@ -30,7 +36,9 @@ leaves glibc as it is. Inference steps do not page-fault either way.
     OMP_NUM_THREADS=1 python benchmarks/train_step.py                          # both, CPU, one thread
     OMP_NUM_THREADS=1 python benchmarks/train_step.py --what architecture --resolution 16 --steps 30 --clock cpu
     OMP_NUM_THREADS=1 python benchmarks/train_step.py --what architecture --widths 64 128 256   # wider models
+    OMP_NUM_THREADS=1 python benchmarks/train_step.py --what architecture --resolution 16 --unet_fused_qkv
     python benchmarks/train_step.py --device cuda --batch_size 64 --resolution 64
+    python benchmarks/train_step.py --what architecture --device cuda --batch_size 64 --resolution 64 --compile
 """
 
 import argparse
@@ -45,6 +53,7 @@ import time
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
 
 from diffusers_experts import ExpertMixtureUNet, IUNet2DModel, meme_expert_config
 from diffusers_experts.evaluation import count_parameters, measure_macs
@@ -79,6 +88,14 @@ def parse_args():
     parser.add_argument("--expert", type=int, default=3, help="Expert (of 4) whose attention shares the iU-Net uses.")
     parser.add_argument(
         "--widths", type=int, nargs="+", default=None, help="`block_out_channels` of both `architecture` models."
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="`architecture`: time both models under torch.compile (inductor)."
+    )
+    parser.add_argument(
+        "--unet_fused_qkv",
+        action="store_true",
+        help="`architecture`: give the UNet2DModel baseline diffusers' fused q/k/v attention projections.",
     )
     parser.add_argument("--steps", type=int, default=12, help="Timed steps of each kind (after 2 warm-up steps).")
     parser.add_argument(
@@ -219,7 +236,21 @@ def architecture_models(args):
         down_block_types=("DownBlock2D",) + ("AttnDownBlock2D",) * (stages - 1),
         up_block_types=("AttnUpBlock2D",) * (stages - 1) + ("UpBlock2D",),
     )
+    if args.unet_fused_qkv:
+        fuse_qkv_projections(unet)
     return iunet.to(args.device), unet.to(args.device)
+
+
+def fuse_qkv_projections(model: torch.nn.Module) -> None:
+    """diffusers' fused query/key/value projection in every `Attention` of `model` (UNet2DModel has no
+    `fuse_qkv_projections` method of its own, unlike UNet2DConditionModel). diffusers keeps the separate projections
+    beside the fused one; they no longer run, so they are frozen (not trained, not counted)."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.fuse_projections()
+            module.set_processor(FusedAttnProcessor2_0())
+            for unused in (module.to_q, module.to_k, module.to_v):
+                unused.requires_grad_(False)
 
 
 def architecture(args):
@@ -230,13 +261,19 @@ def architecture(args):
     noise = torch.randn(shape, generator=generator).to(args.device)
     timesteps = torch.randint(0, 1000, (args.batch_size,), generator=generator).to(args.device)
     macs = {name: measure_macs(m.eval(), sample[:1], timesteps[:1]) for name, m in models.items()}
-    optimizers = {name: make_optimizer(m.parameters(), TRAINER_ADAMW) for name, m in models.items()}
+    optimizers = {
+        name: make_optimizer([p for p in m.parameters() if p.requires_grad], TRAINER_ADAMW)
+        for name, m in models.items()
+    }
+    # what the steps call: the models, or their compiled wrappers (same parameters)
+    callables = {name: torch.compile(m) if args.compile else m for name, m in models.items()}
 
     def train_step(name):
-        model, optimizer = models[name].train(), optimizers[name]
+        model, optimizer, call = models[name], optimizers[name], callables[name]
 
         def step():
-            F.mse_loss(model(sample, timesteps).sample, noise).backward()
+            model.train()
+            F.mse_loss(call(sample, timesteps).sample, noise).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -244,31 +281,41 @@ def architecture(args):
         return step
 
     def inference_step(name):
-        model = models[name]
+        model, call = models[name], callables[name]
 
         def step():
+            model.eval()
             with torch.no_grad():
-                model.eval()(sample, timesteps)
+                call(sample, timesteps)
 
         return step
+
+    baseline = "UNet2DModel, fused q/k/v" if args.unet_fused_qkv else "UNet2DModel"
 
     print(
         f"[architecture] device {args.device}, threads {torch.get_num_threads()}, {args.clock} clock, malloc {args.malloc}, "
         f"batch {args.batch_size}x3x{args.resolution}^2, {args.steps} steps each, iU-Net = expert {args.expert} of 4 "
         f"from {os.path.relpath(args.model_config, ROOT)}, widths {tuple(models['iunet'].config.block_out_channels)}"
+        f"{', torch.compile' if args.compile else ''}, baseline {baseline}"
     )
     for name, model in models.items():
-        size = f"{count_parameters(model) / 1e6:.3f}M params, {macs[name] / 1e6:.2f}M MACs/image"
+        size = f"{count_parameters(model, trainable_only=True) / 1e6:.3f}M params, {macs[name] / 1e6:.2f}M MACs/image"
         print(f"{type(model).__name__:>13}: {size}")
     for kind, make in (("training", train_step), ("inference", inference_step)):
-        times = interleaved_times({name: make(name) for name in models}, args.steps, args.device, args.clock)
+        steps = {name: make(name) for name in models}
+        if args.compile:  # compile each model for this kind of step outside the timed steps
+            started = time.perf_counter()
+            for step in steps.values():
+                step()
+            print(f"{kind:>9}: compiled both models in {time.perf_counter() - started:.0f} s (wall)")
+        times = interleaved_times(steps, args.steps, args.device, args.clock)
         median = {name: statistics.median(values) for name, values in times.items()}
         per_gmac = {name: median[name] / (macs[name] * args.batch_size / 1e9) for name in models}
         # the ratio of each round's pair of steps, then the median: load drifts between rounds cancel out
         ratio = statistics.median(a / b for a, b in zip(times["iunet"], times["unet"])) * macs["unet"] / macs["iunet"]
         print(
             f"{kind:>9}: iU-Net {median['iunet'] * 1000:.1f} ms ({per_gmac['iunet'] * 1000:.1f} ms/GMAC), "
-            f"UNet2DModel {median['unet'] * 1000:.1f} ms ({per_gmac['unet'] * 1000:.1f} ms/GMAC); "
+            f"{baseline} {median['unet'] * 1000:.1f} ms ({per_gmac['unet'] * 1000:.1f} ms/GMAC); "
             f"time-per-MAC ratio iU-Net / UNet2DModel: {ratio:.3f} (target <= 1.1)"
         )
 
