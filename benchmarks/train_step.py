@@ -312,11 +312,16 @@ def architecture(args):
         median = {name: statistics.median(values) for name, values in times.items()}
         per_gmac = {name: median[name] / (macs[name] * args.batch_size / 1e9) for name in models}
         # the ratio of each round's pair of steps, then the median: load drifts between rounds cancel out
-        ratio = statistics.median(a / b for a, b in zip(times["iunet"], times["unet"])) * macs["unet"] / macs["iunet"]
+        rounds = [a / b * macs["unet"] / macs["iunet"] for a, b in zip(times["iunet"], times["unet"])]
+        ratio = statistics.median(rounds)
+        spread = ""
+        if len(rounds) >= 4:  # the middle half of the rounds' ratios: how far one run can be trusted
+            low, _, high = statistics.quantiles(rounds, n=4)
+            spread = f", rounds' quartiles {low:.3f}-{high:.3f}"
         print(
             f"{kind:>9}: iU-Net {median['iunet'] * 1000:.1f} ms ({per_gmac['iunet'] * 1000:.1f} ms/GMAC), "
             f"{baseline} {median['unet'] * 1000:.1f} ms ({per_gmac['unet'] * 1000:.1f} ms/GMAC); "
-            f"time-per-MAC ratio iU-Net / UNet2DModel: {ratio:.3f} (target <= 1.1)"
+            f"time-per-MAC ratio iU-Net / UNet2DModel: {ratio:.3f} (target <= 1.1{spread})"
         )
 
 
